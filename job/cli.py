@@ -1,0 +1,180 @@
+"""Commands: run, validate, render, score, schema, import. Thin: parse, call, map errors to exit codes.
+
+Exit codes (the contract operators and Kubernetes rely on): 0 success; 2 bad input, never worth a
+retry; 75 retriable (preempted, storage outage): run the same manifest again; 1 anything unexpected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import traceback
+from collections.abc import Sequence
+
+from job import logs
+from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNEXPECTED, BadInput, JobError
+
+VALIDATE_DEFAULT_LIMIT = 10_000
+
+
+def _manifest_uri(args) -> str:
+    uri = args.manifest or os.environ.get("RUN_MANIFEST")
+    if not uri:
+        raise BadInput("no manifest: pass --manifest URI or set RUN_MANIFEST")
+    return uri
+
+
+def cmd_run(args) -> int:
+    from job.run import run_job
+
+    return run_job(_manifest_uri(args), args.set, fresh=args.fresh)
+
+
+def cmd_validate(args) -> int:
+    from job import io
+    from job.dataset import scan
+    from job.formats import read_eval_items
+    from job.manifest import derive_run_id, load_manifest, run_dir
+    from job.tokens import load_tokenizer
+
+    m = load_manifest(_manifest_uri(args), args.set)
+    run_uri = run_dir(m, derive_run_id(m))
+    if not args.all:  # scan a bounded prefix (the manifest's own limit when smaller)
+        limit = min(args.limit, m.dataset.limit or args.limit)
+        m = m.model_copy(update={"dataset": m.dataset.model_copy(update={"limit": limit})})
+    problems = []
+    tokenizer = load_tokenizer(m.model.tokenizer_uri)
+    items = read_eval_items(m.eval.uri, m.eval.limit)
+    if m.model.weights_uri and not io.exists(m.model.weights_uri):
+        problems.append(f"model.weights_uri: {m.model.weights_uri} not found")
+    counts, _ = scan(m, tokenizer)
+    data = counts.as_dict()
+    report = {
+        "manifest": _manifest_uri(args), "run_dir": run_uri,
+        "dataset": m.dataset.uri, "records_read": counts.read, "accepted": counts.accepted,
+        "rejected": counts.rejected, "held_out": counts.held_out, "would_train_on": counts.trained,
+        "truncated": counts.truncated, "reject_reasons": data["reject_reasons"],
+        "first_rejects": [f"{r.uri}:{r.line}: {r.reason}" for r in counts.first_rejects],
+        "token_length": data["token_length"], "max_seq_len": m.training.max_seq_len,
+        "eval_items": len(items), "scanned": "all records" if args.all else f"at most {args.limit} records",
+    }
+    if counts.reject_fraction > m.dataset.max_reject_fraction:
+        problems.append(f"{m.dataset.uri}: {counts.rejected} of {counts.read} records rejected "
+                        f"({counts.reject_fraction:.1%} > dataset.max_reject_fraction={m.dataset.max_reject_fraction})")
+    if counts.trained < 1:
+        problems.append(f"{m.dataset.uri}: no records left to train on")
+    report["problems"] = problems
+    report["ok"] = not problems
+    for problem in problems:
+        logs.error(problem)
+    print(json.dumps(report, indent=2))
+    return EXIT_OK if not problems else EXIT_BAD_INPUT
+
+
+def cmd_render(args) -> int:
+    from job.dataset import prepare
+    from job.manifest import load_manifest
+    from job.tokens import load_tokenizer
+
+    overrides = list(args.set) + ([f"dataset.limit={args.limit}"] if args.limit else [])
+    m = load_manifest(_manifest_uri(args), overrides)
+    tokenizer = load_tokenizer(m.model.tokenizer_uri)
+
+    def on_reject(r) -> None:
+        logs.warning("rejected record", where=f"{r.uri}:{r.line}", reason=r.reason)
+
+    for prepared in prepare(m, tokenizer, on_reject):
+        print(json.dumps({"id": prepared.example.id, "text": prepared.rendered.text,
+                          "completion": prepared.rendered.completion}, ensure_ascii=False))
+    return EXIT_OK
+
+
+def cmd_score(args) -> int:
+    from job import io
+    from job.formats import read_eval_items
+    from job.score import score_predictions
+
+    items = read_eval_items(args.eval)
+    predictions = []
+    for number, raw in io.iter_lines(args.predictions):
+        if raw.strip():
+            try:
+                predictions.append(json.loads(raw))
+            except ValueError as err:
+                raise BadInput(f"{args.predictions}:{number}: not a JSON object ({err})") from None
+    for row in score_predictions(items, predictions):
+        print(json.dumps(row, ensure_ascii=False))
+    return EXIT_OK
+
+
+def cmd_schema(args) -> int:
+    from job.manifest import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return EXIT_OK
+
+
+def cmd_import(args) -> int:
+    from urllib.parse import urlparse
+
+    from job.outputs import import_run
+
+    if urlparse(args.api).scheme not in ("http", "https") or not urlparse(args.api).netloc:
+        raise BadInput(f"--api: {args.api!r} is not an http(s) URL; pass e.g. http://localhost:8000")
+    summary = import_run(args.run, args.api, log=logs.info)
+    print(json.dumps(summary))
+    return EXIT_OK
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunix-job", description="Fine-tune Gemma on reasoning traces with Tunix.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_manifest(sp):
+        sp.add_argument("--manifest", help="run manifest URI (default: $RUN_MANIFEST)")
+        sp.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="override a manifest field, e.g. training.steps=10 (repeatable)")
+        return sp
+
+    run = with_manifest(sub.add_parser("run", help="train and evaluate: the whole job"))
+    run.add_argument("--fresh", action="store_true", help="delete an earlier run of this manifest and start over")
+    run.set_defaults(func=cmd_run)
+    validate = with_manifest(sub.add_parser("validate", help="check the manifest and data before spending accelerator time"))
+    validate.add_argument("--limit", type=int, default=VALIDATE_DEFAULT_LIMIT, help="records to read (default %(default)s)")
+    validate.add_argument("--all", action="store_true", help="read every record")
+    validate.set_defaults(func=cmd_validate)
+    render = with_manifest(sub.add_parser("render", help="print what the model will be trained on, as JSONL"))
+    render.add_argument("--limit", type=int, help="records to read")
+    render.set_defaults(func=cmd_render)
+    score = sub.add_parser("score", help="score predictions {id, output} against an eval set")
+    score.add_argument("--eval", required=True, help="eval set URI")
+    score.add_argument("--predictions", required=True, help="JSONL of {id, output}")
+    score.set_defaults(func=cmd_score)
+    sub.add_parser("schema", help="print the manifest's JSON Schema").set_defaults(func=cmd_schema)
+    imp = sub.add_parser("import", help="post a run's eval traces to the tunix-rt backend")
+    imp.add_argument("--run", required=True, help="run directory URI")
+    imp.add_argument("--api", required=True, help="backend base URL, e.g. http://localhost:8000")
+    imp.set_defaults(func=cmd_import)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except JobError as err:
+        logs.error(str(err), exit_code=err.exit_code, error=type(err).__name__)
+        return err.exit_code
+    except KeyboardInterrupt:
+        logs.error("interrupted", exit_code=EXIT_UNEXPECTED)
+        return EXIT_UNEXPECTED
+    except Exception as err:
+        logs.error(f"unexpected error: {type(err).__name__}: {err}", exit_code=EXIT_UNEXPECTED,
+                   traceback=traceback.format_exc())
+        return EXIT_UNEXPECTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

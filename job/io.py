@@ -1,0 +1,416 @@
+"""Every read and write the job makes, addressed by URI through fsspec.
+
+The same calls serve gs:// (gcsfs), file://, plain local paths, memory:// (tests) and any other
+fsspec scheme whose package is installed (s3:// with s3fs). Storage failures come out as the job's
+own errors: a missing or forbidden object is BadInput (naming the URI and the fix), anything else
+that goes wrong talking to storage after the client's own retries is Retriable.
+"""
+
+from __future__ import annotations
+
+import os
+
+# gcsfs enables its zonal/HNS bucket support by default and then asks every bucket's type over
+# gRPC, which hangs for 60 s per call against emulators and private endpoints; must precede import.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+import contextlib
+import gzip
+import hashlib
+import json
+import posixpath
+import re
+import shutil
+import tempfile
+import uuid
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import fsspec
+
+from job.errors import BadInput, JobError, Retriable
+
+# Object-store reads: a readahead cache fetches whole blocks in order (the default "adaptive"
+# cache starts with hundreds of 8 KiB range requests); the block size bounds memory per open file.
+READ_BLOCK_SIZE = 8 * 2**20
+_CHUNK = 2**20  # bytes asked of a stream per read when splitting lines or hashing
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
+_LOCAL_SCHEMES = ("file", "local")
+_UNBUFFERED_PROTOCOLS = {"file", "local", "memory"}
+
+
+# ---------------------------------------------------------------------------------------- URIs
+
+
+def scheme(uri: str) -> str | None:
+    """The URI's scheme ("gs", "file", ...), or None for a plain local path."""
+    match = _SCHEME.match(uri)
+    return match.group(1).lower() if match else None
+
+
+def is_local(uri: str) -> bool:
+    """True for plain paths and file:// URIs."""
+    return scheme(uri) in (None, *_LOCAL_SCHEMES)
+
+
+def local_path(uri: str) -> str:
+    """The absolute local path of a plain path or file:// URI."""
+    if not is_local(uri):
+        raise ValueError(f"{uri}: not a local path")
+    path = _SCHEME.sub("", uri, count=1)
+    return os.path.abspath(os.path.expanduser(path))
+
+
+def join(uri: str, *parts: str) -> str:
+    """Append path parts to a URI or path with "/" (the separator every supported scheme uses)."""
+    pieces = [uri.rstrip("/")] + [part.strip("/") for part in parts if part.strip("/")]
+    return "/".join(pieces)
+
+
+def basename(uri: str) -> str:
+    """The last path component ("gs://b/dir/" -> "dir")."""
+    return posixpath.basename(_SCHEME.sub("", uri, count=1).rstrip("/"))
+
+
+def resolve(uri: str, base_uri: str | None) -> str:
+    """Resolve a relative path against the directory of the file `base_uri`.
+
+    gs://b/dir/m.json + "data/x.jsonl" -> gs://b/dir/data/x.jsonl; a local base gives an absolute
+    local path; no base resolves against the working directory. URIs with a scheme, absolute paths
+    and "~/..." paths are returned as given.
+    """
+    if not uri or scheme(uri) is not None or os.path.isabs(uri):
+        return uri
+    if uri.startswith("~"):
+        return os.path.expanduser(uri)
+    if base_uri is None:
+        return os.path.abspath(uri)
+    base_scheme = scheme(base_uri)
+    if base_scheme is None:
+        return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(base_uri)), uri))
+    if base_scheme in _LOCAL_SCHEMES:
+        path = os.path.normpath(os.path.join(os.path.dirname(local_path(base_uri)), uri))
+        return f"{base_scheme}://{path}"
+    # scheme://bucket/key: normalise the key and never climb out of the bucket.
+    prefix, rest = base_uri[: len(base_scheme) + 3], base_uri[len(base_scheme) + 3 :]
+    bucket, _, key = rest.partition("/")
+    joined = posixpath.normpath(posixpath.join(posixpath.dirname(key), uri))
+    if joined == ".." or joined.startswith("../"):
+        raise BadInput(f"{uri}: climbs above the top of {prefix}{bucket} (relative to {base_uri}); use a full URI")
+    return f"{prefix}{bucket}" if joined == "." else f"{prefix}{bucket}/{joined}"
+
+
+# -------------------------------------------------------------------------------------- errors
+
+
+def _http_status(exc: BaseException) -> int | None:
+    # gcsfs's HttpError carries the status as .code, aiohttp's response errors as .status.
+    for attr in ("code", "status"):
+        value = getattr(exc, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return True
+    try:
+        import aiohttp
+        from gcsfs.retry import HttpError
+    except ImportError:
+        return False
+    return isinstance(exc, (aiohttp.ClientError, HttpError))
+
+
+@contextlib.contextmanager
+def _storage_errors(uri: str) -> Iterator[None]:
+    """Turn storage exceptions into BadInput (the user must act) or Retriable (try again)."""
+    try:
+        yield
+    except JobError:
+        raise
+    except FileNotFoundError as e:
+        raise BadInput(f"{uri}: not found; check the path and that the bucket exists") from e
+    except (IsADirectoryError, NotADirectoryError) as e:
+        raise BadInput(f"{uri}: is a directory where a file was expected, or the reverse ({e})") from e
+    except Exception as e:
+        forbidden = isinstance(e, PermissionError) or _http_status(e) in (401, 403) or (
+            isinstance(e, OSError) and str(e).startswith("Forbidden")
+        )
+        if forbidden:
+            raise BadInput(
+                f"{uri}: permission denied; grant the job's service account access to it "
+                "(roles/storage.objectViewer to read, roles/storage.objectAdmin to write)"
+            ) from e
+        if _is_transient(e):
+            raise Retriable(f"{uri}: storage error after retries ({type(e).__name__}: {e}); run the job again") from e
+        raise
+
+
+def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    try:
+        return fsspec.core.url_to_fs(uri)
+    except (ValueError, ImportError) as e:
+        raise BadInput(f"{uri}: unsupported storage location ({e}); use gs://, file:// or a local path") from e
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> set[str]:
+    return {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+
+
+def _open_read(fs: fsspec.AbstractFileSystem, path: str) -> Any:
+    if _protocols(fs) & _UNBUFFERED_PROTOCOLS:
+        return fs.open(path, "rb")
+    return fs.open(path, "rb", block_size=READ_BLOCK_SIZE, cache_type="readahead")
+
+
+# --------------------------------------------------------------------------------------- reads
+
+
+def _split_lines(stream: Any) -> Iterator[bytes]:
+    """Yield each line with its ending; memory is bounded by the longest line plus one chunk."""
+    pending: list[bytes] = []
+    while chunk := stream.read(_CHUNK):
+        start = 0
+        while (end := chunk.find(b"\n", start)) != -1:
+            pending.append(chunk[start : end + 1])
+            yield b"".join(pending)
+            pending = []
+            start = end + 1
+        if start < len(chunk):
+            pending.append(chunk[start:])
+    if pending:
+        yield b"".join(pending)
+
+
+def iter_lines(uri: str, digest: Any = None) -> Iterator[tuple[int, bytes]]:
+    """Stream (1-based line number, line without its "\\n" or "\\r\\n") in constant memory.
+
+    A ".gz" URI is decompressed. `digest` (a hashlib object) is updated with every byte read
+    (decompressed), so afterwards it holds the hash of exactly what the caller saw.
+    """
+    fs, path = _fs(uri)
+    with _storage_errors(uri), _open_read(fs, path) as raw:
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if uri.endswith(".gz") else raw
+        lines = _split_lines(stream)
+        number = 0
+        while True:
+            try:
+                line = next(lines)
+            except StopIteration:
+                return
+            except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+                raise BadInput(
+                    f"{uri}: not a complete gzip file after line {number} ({e}); upload it again"
+                ) from e
+            number += 1
+            if digest is not None:
+                digest.update(line)
+            if line.endswith(b"\n"):
+                line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+            yield number, line
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole object (for small files: manifests, configs)."""
+    fs, path = _fs(uri)
+    with _storage_errors(uri):
+        return fs.cat_file(path)
+
+
+def read_text(uri: str) -> str:
+    """The whole object decoded as UTF-8."""
+    data = read_bytes(uri)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadInput(f"{uri}: not UTF-8 text (byte {e.start}); save it as UTF-8") from e
+
+
+def read_json(uri: str) -> Any:
+    """The object parsed as JSON; a syntax error names URI:line:column."""
+    text = read_text(uri)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"{uri}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from e
+
+
+def exists(uri: str) -> bool:
+    """True when the object or directory exists."""
+    fs, path = _fs(uri)
+    with _storage_errors(uri):
+        fs.invalidate_cache(path)  # others (Orbax, other hosts) write behind gcsfs's listing cache
+        return fs.exists(path)
+
+
+def size(uri: str) -> int:
+    """Size in bytes of the object."""
+    fs, path = _fs(uri)
+    with _storage_errors(uri):
+        return fs.size(path)
+
+
+def sha256(uri: str) -> str:
+    """Hex sha256 of the object's bytes, streamed."""
+    fs, path = _fs(uri)
+    digest = hashlib.sha256()
+    with _storage_errors(uri), _open_read(fs, path) as stream:
+        while chunk := stream.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def listdir(uri: str) -> list[str]:
+    """Full URIs of the directory's entries, sorted; [] when it does not exist."""
+    fs, path = _fs(uri)
+    with _storage_errors(uri):
+        fs.invalidate_cache(path)
+        try:
+            entries = fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return []
+    own = path.rstrip("/")
+    names = {posixpath.basename(e.rstrip("/")) for e in entries if e.rstrip("/") != own}
+    return sorted(join(uri, name) for name in names)
+
+
+def remove(uri: str, recursive: bool = False) -> None:
+    """Delete a file (or a tree with recursive=True); nothing happens when it is missing."""
+    fs, path = _fs(uri)
+    with _storage_errors(uri):
+        try:
+            fs.rm(path, recursive=recursive)
+        except FileNotFoundError:
+            pass
+
+
+# -------------------------------------------------------------------------------------- writes
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write the object atomically: readers see the old content or the new, never a part."""
+    if is_local(uri):
+        path = local_path(uri)
+        parent = os.path.dirname(path)
+        with _storage_errors(uri):
+            os.makedirs(parent, exist_ok=True)
+            tmp = os.path.join(parent, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp")
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        return
+    # One object upload only becomes visible when complete, so it is atomic already.
+    fs, path = _fs(uri)
+    with _storage_errors(uri):
+        fs.pipe_file(path, data)
+
+
+def write_text(uri: str, text: str) -> None:
+    """Write UTF-8 text atomically."""
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    """Write JSON (indent=2, trailing newline) atomically."""
+    write_text(uri, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+# ------------------------------------------------------------------------------ copying trees
+
+
+def _tree(fs: fsspec.AbstractFileSystem, path: str) -> list[str] | None:
+    """Relative paths of every file under a directory, or None when `path` is a file."""
+    if not fs.isdir(path):
+        if not fs.exists(path):
+            raise FileNotFoundError(path)
+        return None
+    root = path.rstrip("/")
+    return sorted(posixpath.relpath(f, root) for f in fs.find(root))
+
+
+def download(uri: str, local_dir: str) -> str:
+    """Copy a file or directory tree into local_dir; returns local_dir/<its name>."""
+    fs, path = _fs(uri)
+    target = os.path.join(local_path(local_dir), basename(uri))
+    with _storage_errors(uri):
+        fs.invalidate_cache(path)
+        files = _tree(fs, path)
+        if files is None:
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            fs.get_file(path, target)
+            return target
+        os.makedirs(target, exist_ok=True)
+        sources = [posixpath.join(path.rstrip("/"), f) for f in files]
+        targets = [os.path.join(target, *f.split("/")) for f in files]
+        for t in targets:
+            os.makedirs(os.path.dirname(t), exist_ok=True)
+        if sources:
+            fs.get(sources, targets)  # one call: gcsfs fetches the files concurrently
+    return target
+
+
+def _make_parents(fs: fsspec.AbstractFileSystem, paths: list[str]) -> None:
+    # Local and memory filesystems need folders; on buckets gcsfs's makedirs would create a
+    # missing (perhaps misspelt) bucket instead of failing, so it is never called there.
+    if _protocols(fs) & _UNBUFFERED_PROTOCOLS:
+        for parent in sorted({posixpath.dirname(p) for p in paths}):
+            fs.makedirs(parent, exist_ok=True)
+
+
+def upload(local: str, uri: str) -> None:
+    """Copy a local file to the object `uri`, or a local directory tree to the prefix `uri`."""
+    source = local_path(local)
+    fs, path = _fs(uri)
+    with _storage_errors(uri):
+        if not os.path.isdir(source):
+            if not os.path.exists(source):
+                raise BadInput(f"{local}: not found")
+            _make_parents(fs, [path])
+            fs.put_file(source, path)
+            return
+        sources, targets = [], []
+        for root, _, names in os.walk(source):
+            for name in sorted(names):
+                full = os.path.join(root, name)
+                sources.append(full)
+                targets.append(posixpath.join(path.rstrip("/"), os.path.relpath(full, source).replace(os.sep, "/")))
+        _make_parents(fs, targets)
+        if sources:
+            fs.put(sources, targets)
+
+
+def fetch_to_cache(uri: str, cache_root: str) -> str:
+    """A local path for `uri`: itself when local, else a copy downloaded once under cache_root.
+
+    The copy lives in cache_root/<first 16 hex of sha256(uri)>/<name>. It is downloaded into a
+    temporary folder and renamed into place, so an interrupted download is never reused.
+    """
+    if is_local(uri):
+        return local_path(uri)
+    root = local_path(cache_root)
+    final = os.path.join(root, hashlib.sha256(uri.encode("utf-8")).hexdigest()[:16])
+    target = os.path.join(final, basename(uri))
+    if os.path.exists(target):
+        return target
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=root, prefix=".partial-")
+    try:
+        download(uri, tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not os.path.exists(target):  # not a concurrent fetch that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

@@ -1,0 +1,148 @@
+"""Model: Gemma 3 presets, the random-init tiny model, weight loading, and LoRA.
+
+The `tiny` preset is a 6-layer Gemma 3 of ~5.7 M parameters built from the run's seed, paired with
+the tokenizer the job ships; it is what tests and the local demo train. Every other preset is a
+real Gemma 3 size whose weights come from `model.weights_uri` (weights.py reads the formats).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import qwix
+from flax import nnx
+from tunix.models.dummy_model_creator import create_dummy_model
+from tunix.models.gemma3 import model as gemma3
+
+from job.errors import BadInput
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def tiny_config(vocab_size: int) -> gemma3.ModelConfig:
+    """A Gemma 3 small enough to train on a laptop CPU in minutes."""
+    return gemma3.ModelConfig(
+        num_layers=6, num_embed=vocab_size, embed_dim=256, hidden_dim=1024,
+        num_heads=4, head_dim=64, num_kv_heads=1, sliding_window_size=512,
+        local_base_frequency=10_000, global_base_frequency=1_000_000,
+    )
+
+
+def model_config(preset: str, vocab_size: int, dtype: str) -> gemma3.ModelConfig:
+    """The Gemma 3 config for a manifest preset (tunix's own presets for the real sizes)."""
+    config = tiny_config(vocab_size) if preset == "tiny" else getattr(gemma3.ModelConfig, preset)()
+    # Gemma 3 configs default to bfloat16 params; the manifest decides.
+    return dataclasses.replace(config, param_dtype=DTYPES[dtype])
+
+
+def random_model(config: gemma3.ModelConfig, seed: int, dtype: str) -> gemma3.Gemma3:
+    """Random init from the seed. Not `Gemma3(cfg, rngs)`: that zero-initialises the MLP, which then never trains."""
+    return create_dummy_model(gemma3.Gemma3, config, mesh=None, dtype=DTYPES[dtype], random_seed=seed, scale=0.02)
+
+
+def apply_lora(model: nnx.Module, rank: int, alpha: float, module_path: str, seed: int) -> nnx.Module:
+    """Wrap the matching projections with LoRA adapters (qwix); the trainer then trains only those."""
+    provider = qwix.LoraProvider(module_path=module_path, rank=rank, alpha=alpha)
+    lora_model = qwix.apply_lora_to_model(model, provider, rngs=nnx.Rngs(seed), **model.get_model_input())
+    if not any(isinstance(v, nnx.LoRAParam) for _, v in nnx.iter_graph(lora_model)):
+        raise BadInput(f"training.lora.module_path: {module_path!r} matches no layer of the model")
+    return lora_model
+
+
+def parameter_count(model: nnx.Module, kind: type = nnx.Param) -> int:
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, kind)))
+
+
+# --- building the run's model -------------------------------------------------------------------
+
+FINAL_FORMAT = "tunix-rt-job/final/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class BuiltModel:
+    model: nnx.Module
+    config: gemma3.ModelConfig
+    base: dict  # how to rebuild the base model: {preset, weights_uri, weights_format, dtype, seed}
+
+
+def build_model(spec, lora, seed: int, vocab_size: int, cache_dir: str) -> BuiltModel:
+    """The run's model: random tiny, or pretrained weights (any format weights.py reads, or a final/ dir), LoRA-wrapped when asked."""
+    config = model_config(spec.preset, vocab_size, spec.dtype)
+    base = {"preset": spec.preset, "weights_uri": spec.weights_uri, "weights_format": spec.weights_format,
+            "dtype": spec.dtype, "seed": seed}
+    if spec.weights_uri is None:
+        model = random_model(config, seed, spec.dtype)
+    else:
+        model, base = _load(spec, config, cache_dir, base)
+    if lora is not None:
+        model = apply_lora(model, lora.rank, lora.alpha, lora.module_path, seed)
+    return BuiltModel(model, config, base)
+
+
+def _load(spec, config, cache_dir: str, base: dict):
+    from job import io, weights
+
+    model_json = io.join(spec.weights_uri, "model.json")
+    if spec.weights_format in ("auto", "job") and io.exists(model_json):
+        return _load_final(spec, config, cache_dir, io.read_json(model_json))
+    return weights.load_pretrained(config, spec.weights_uri, spec.weights_format, spec.dtype, cache_dir), base
+
+
+def _load_final(spec, config, cache_dir: str, info: dict):
+    """A previous run's final/ directory: full weights, or a LoRA adapter on top of the base it names."""
+    from job import io, weights
+
+    if info.get("format") != FINAL_FORMAT:
+        raise BadInput(f"model.weights_uri: {spec.weights_uri}/model.json is not a {FINAL_FORMAT} description")
+    if info["preset"] != spec.preset:
+        raise BadInput(f"model.preset: {spec.preset!r} but {spec.weights_uri} holds a {info['preset']!r} model; "
+                       f"set model.preset to {info['preset']!r}")
+    base = info["base"]
+    if info["lora"] is None:
+        model = random_model(config, base["seed"], spec.dtype) if spec.preset == "tiny" else _abstract(config)
+        weights.restore_params(model, io.join(spec.weights_uri, "params"))
+        return model, dict(base, weights_uri=spec.weights_uri, weights_format="job")
+    base_spec = _SpecView(**{k: base[k] for k in ("preset", "weights_uri", "weights_format", "dtype")})
+    built = build_model(base_spec, None, base["seed"], config.num_embed, cache_dir)
+    lora = info["lora"]
+    model = apply_lora(built.model, lora["rank"], lora["alpha"], lora["module_path"], base["seed"])
+    weights.restore_params(model, io.join(spec.weights_uri, "adapter"), lora_only=True)
+    return model, base
+
+
+@dataclasses.dataclass(frozen=True)
+class _SpecView:
+    """The few ModelSpec fields needed to rebuild a base model."""
+
+    preset: str
+    weights_uri: str | None
+    weights_format: str
+    dtype: str
+
+
+def _abstract(config: gemma3.ModelConfig) -> gemma3.Gemma3:
+    """A model with shapes and dtypes but no memory behind them: restoring fills it."""
+    return nnx.eval_shape(lambda: gemma3.Gemma3(config, rngs=nnx.Rngs(0)))
+
+
+def save_final(built: BuiltModel, final_uri: str, spec, lora, tokenizer_bytes: bytes) -> list[str]:
+    """Write final/: weights (or the LoRA adapter), model.json saying how to rebuild, the tokenizer. Returns the files' names."""
+    from job import io, weights
+
+    cfg = built.config
+    info = {
+        "format": FINAL_FORMAT, "preset": spec.preset, "dtype": spec.dtype,
+        "config": {k: getattr(cfg, k) for k in ("num_layers", "num_embed", "embed_dim", "hidden_dim",
+                                                 "num_heads", "head_dim", "num_kv_heads")},
+        "lora": None if lora is None else {"rank": lora.rank, "alpha": lora.alpha, "module_path": lora.module_path},
+        "base": built.base,
+    }
+    if lora is None:
+        weights.save_params(built.model, io.join(final_uri, "params"))
+    else:
+        weights.save_params(built.model, io.join(final_uri, "adapter"), lora_only=True)
+    io.write_bytes(io.join(final_uri, "tokenizer.model"), tokenizer_bytes)
+    io.write_json(io.join(final_uri, "model.json"), info)
+    return ["model.json", "tokenizer.model", "params" if lora is None else "adapter"]

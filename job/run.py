@@ -1,0 +1,333 @@
+"""The whole run, top to bottom: manifest -> data -> model -> eval before -> train -> eval after -> outputs.
+
+Every artifact lands in the run directory `{output.uri}/{run_id}`. `status.json` says where the
+run is; `_SUCCESS` is written last and only when everything else is there, so its absence means
+the run did not finish, whatever else the directory holds. Rerunning a manifest lands in the same
+directory: a finished run is left alone, an unfinished one resumes from its latest checkpoint with
+the seed it recorded, and ends exactly where an uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import secrets
+import signal
+import tempfile
+import threading
+
+import jax
+
+import job
+from job import io, logs, outputs
+from job.dataset import DataCounts, eval_batches, scan, training_batches
+from job.errors import BadInput, JobError, Retriable
+from job.evaluate import Decoder, EvalRun, evaluate
+from job.formats import read_eval_items
+from job.manifest import Manifest, derive_run_id, load_manifest, run_dir
+from job.model import build_model, parameter_count, save_final
+from job.report import build_delta_report, plot_loss_curve, render_markdown
+from job.tokens import load_tokenizer
+from job.train import StepReport, Trainer
+
+VERSIONED_PACKAGES = ("google-tunix", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "qwix", "sentencepiece")
+
+
+class Preempted(Retriable):
+    """SIGTERM arrived (spot preemption, pod eviction): the run saved what it could; rerun to resume."""
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def versions() -> dict:
+    found = {"tunix-rt-job": job.__version__, "python": platform.python_version()}
+    for name in VERSIONED_PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def cache_dir() -> str:
+    return os.environ.get("TUNIX_JOB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tunix-rt-job"))
+
+
+class Status:
+    """status.json, rewritten as the run moves."""
+
+    def __init__(self, run_uri: str, total_steps: int):
+        self.uri = io.join(run_uri, "status.json")
+        self.fields = {"state": "validating", "step": 0, "total_steps": total_steps, "last_loss": None}
+
+    def set(self, **fields) -> None:
+        self.fields.update(fields, updated_at=utc_now())
+        io.write_json(self.uri, self.fields)
+
+
+class Metrics:
+    """metrics.jsonl: one line per logged step (and per eval-loss point); kept across resumes."""
+
+    def __init__(self, run_uri: str, log_every: int):
+        self.uri = io.join(run_uri, "metrics.jsonl")
+        self.log_every = log_every
+        self.lines: list[dict] = []
+
+    def resume_from(self, step: int) -> None:
+        """Keep what an earlier attempt logged up to the step its checkpoint restores."""
+        if step and io.exists(self.uri):
+            old = [json.loads(line) for line in io.read_text(self.uri).splitlines() if line.strip()]
+            # Eval points at the restored step are logged again by the resumed trainer (or not at all).
+            self.lines = [line for line in old if line["step"] < step or (line["step"] == step and "loss" in line)]
+
+    def add(self, line: dict) -> None:
+        """Add a line; one for a step already there (reported early, before a checkpoint) replaces it."""
+        kind = "loss" if "loss" in line else "eval_loss"
+        for i, old in enumerate(self.lines):
+            if old["step"] == line["step"] and kind in old:
+                self.lines[i] = line
+                return
+        self.lines.append(line)
+
+    def flush(self) -> None:
+        io.write_text(self.uri, "".join(json.dumps(line) + "\n" for line in self.lines))
+
+    @property
+    def losses(self) -> list[dict]:
+        return [line for line in self.lines if "loss" in line or "eval_loss" in line]
+
+
+def run_job(manifest_uri: str, overrides: list[str] = (), fresh: bool = False) -> int:
+    """Run a manifest to a finished run directory. Returns 0, or raises JobError with its exit code."""
+    m = load_manifest(manifest_uri, overrides)
+    run_id = derive_run_id(m)
+    run_uri = run_dir(m, run_id)
+    if fresh and io.exists(run_uri):
+        logs.warning("fresh run requested: removing the previous run directory", run_dir=run_uri)
+        io.remove(run_uri, recursive=True)
+    if io.exists(io.join(run_uri, outputs.SUCCESS_FILE)):
+        logs.info("this run already succeeded; nothing to do (pass --fresh to run it again)", run_dir=run_uri)
+        return 0
+    return Run(m, run_id, run_uri, manifest_uri).execute()
+
+
+class Run:
+    def __init__(self, m: Manifest, run_id: str, run_uri: str, manifest_uri: str):
+        self.m, self.run_id, self.run_uri, self.manifest_uri = m, run_id, run_uri, manifest_uri
+        self.status = Status(run_uri, m.training.steps)
+        self.metrics = Metrics(run_uri, m.training.log_every_steps)
+        self.training = False  # SIGTERM while training: finish the step, checkpoint, then stop
+        self.stop = threading.Event()
+        self.resumed_from = 0
+        self.record: dict = {}
+
+    def path(self, *parts: str) -> str:
+        return io.join(self.run_uri, *parts)
+
+    # -- the run ---------------------------------------------------------------------------------
+
+    def execute(self) -> int:
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            self._run()
+            return 0
+        except Preempted as err:
+            self._safe_status(state="preempted", error=str(err))
+            raise
+        except JobError as err:
+            self._safe_status(state="failed", error=str(err))
+            raise
+        except Exception as err:
+            self._safe_status(state="failed", error=f"{type(err).__name__}: {err}")
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _run(self) -> None:
+        m = self.m
+        logs.info("run starting", run_id=self.run_id, run_dir=self.run_uri)
+        self.status.set(state="validating")
+        seed = self._seed()
+        self.record = {
+            "run_id": self.run_id, "seed": seed, "manifest_uri": self.manifest_uri,
+            "manifest": json.loads(m.model_dump_json()), "versions": versions(),
+            "image": os.environ.get("TUNIX_JOB_IMAGE"),
+            "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
+            "started_at": utc_now(), "ended_at": None,
+        }
+        self._write_record()
+
+        tokenizer = load_tokenizer(m.model.tokenizer_uri)
+        eval_digest = hashlib.sha256()
+        items = read_eval_items(m.eval.uri, m.eval.limit, eval_digest)
+        counts, held_out = self._validate_data(tokenizer)
+        self.record.update(dataset_sha256=counts.sha256, eval_sha256=eval_digest.hexdigest(), data=counts.as_dict())
+        self._write_record()
+
+        built = build_model(m.model, m.training.lora, seed, tokenizer.vocab_size, cache_dir())
+        self.record["parameters"] = {"total": parameter_count(built.model),
+                                     "trainable": parameter_count(built.model, _trainable_kind(m))}
+        decoder = Decoder(built.model, built.config, tokenizer, m.eval)
+
+        self.status.set(state="evaluating", phase="before")
+        before = self._evaluate(decoder, items, "before")
+
+        self.status.set(state="training", phase=None)
+        self.training = True
+        with tempfile.TemporaryDirectory(prefix="tensorboard-") as tb_dir:
+            trainer = Trainer(built.model, m.training, self.path("checkpoints"), tb_dir,
+                              self._on_step, self._on_eval, len(eval_batches(m, held_out)), self.stop,
+                              on_checkpoint=lambda step: self.metrics.flush())
+            self.resumed_from = trainer.restored_step
+            self.metrics.resume_from(self.resumed_from)
+            if self.resumed_from:
+                logs.info("resuming from checkpoint", step=self.resumed_from)
+            result = trainer.train(training_batches(m, tokenizer, seed), eval_batches(m, held_out))
+            self.training = False
+            self.metrics.flush()
+            io.upload(tb_dir, self.path("tensorboard"))
+        if result.stopped_early:
+            self.status.set(step=result.end_step)
+            raise Preempted(f"stopped at step {result.end_step} of {m.training.steps} on SIGTERM; "
+                            "the checkpoint is saved: run the same manifest again to resume")
+        self.record["training"] = {"resumed_from_step": result.start_step, "steps": result.end_step}
+
+        self.status.set(state="evaluating", phase="after", step=result.end_step)
+        after = self._evaluate(decoder, items, "after")
+        save_final(built, self.path("final"), m.model, m.training.lora, tokenizer.processor.serialized_model_proto())
+        self._write_outputs(before, after, counts)
+
+    def _seed(self) -> int:
+        """The manifest's seed; else the one an earlier attempt of this run recorded; else a new one."""
+        if self.m.seed is not None:
+            return self.m.seed
+        record_uri = self.path("run_manifest.json")
+        if io.exists(record_uri):
+            return int(io.read_json(record_uri)["seed"])
+        seed = secrets.randbits(31)
+        logs.info("no seed in the manifest: generated one", seed=seed)
+        return seed
+
+    def _validate_data(self, tokenizer) -> tuple[DataCounts, list]:
+        m = self.m
+        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as rejects:
+            def on_reject(r):
+                rejects.write(json.dumps({"uri": r.uri, "line": r.line, "reason": r.reason, "raw": r.raw}) + "\n")
+            counts, held_out = scan(m, tokenizer, on_reject)
+        try:
+            io.write_bytes(self.path("rejects.jsonl"), open(rejects.name, "rb").read())
+        finally:
+            os.unlink(rejects.name)
+        logs.info("dataset scanned", **{k: v for k, v in counts.as_dict().items() if k != "reject_reasons"})
+        for r in counts.first_rejects:
+            logs.warning("rejected record", where=f"{r.uri}:{r.line}", reason=r.reason)
+        if counts.reject_fraction > m.dataset.max_reject_fraction:
+            raise BadInput(f"{m.dataset.uri}: {counts.rejected} of {counts.read} records rejected "
+                           f"({counts.reject_fraction:.1%} > dataset.max_reject_fraction={m.dataset.max_reject_fraction}); "
+                           f"reasons: {dict(counts.reasons.most_common(5))}; every reject is in {self.path('rejects.jsonl')}")
+        if counts.trained < 1:
+            raise BadInput(f"{m.dataset.uri}: no records left to train on ({counts.accepted} accepted, "
+                           f"{counts.held_out} held out by dataset.holdout)")
+        return counts, held_out
+
+    def _evaluate(self, decoder: Decoder, items, phase: str) -> EvalRun:
+        run = evaluate(decoder, items, self.m.template)
+        n = len(run.results)
+        logs.info(f"eval {phase}", n=n,
+                  strict=sum(r.score.strict for r in run.results) / n,
+                  flexible=sum(r.score.flexible for r in run.results) / n,
+                  seconds=round(run.seconds, 2), tokens_per_s=round(run.tokens_per_s, 1))
+        return run
+
+    def _on_step(self, report: StepReport) -> None:
+        line = {"step": report.step, "loss": report.loss, "learning_rate": report.learning_rate,
+                "tokens_per_s": round(report.tokens_per_s, 1), "elapsed_s": round(report.elapsed_s, 3)}
+        self.metrics.add(line)
+        spec = self.m.training
+        if report.step % spec.log_every_steps == 0 or report.step == spec.steps:
+            logs.info("train", **line)
+            self.status.set(step=report.step, last_loss=report.loss)
+        if report.step % spec.log_every_steps == 0:
+            self.metrics.flush()
+
+    def _on_eval(self, step: int, eval_loss: float) -> None:
+        every = self.m.training.eval_every_steps or self.m.training.steps + 1
+        if step and step == self.resumed_from and step % every:
+            return  # Tunix evaluates when it resumes; an uninterrupted run has no eval point here
+        self.metrics.add({"step": step, "eval_loss": eval_loss})
+        logs.info("eval loss", step=step, eval_loss=eval_loss)
+
+    def _write_outputs(self, before: EvalRun, after: EvalRun, counts: DataCounts) -> None:
+        m = self.m
+        traces = {}
+        for phase, run in (("before", before), ("after", after)):
+            traces[phase] = [outputs.eval_trace(r, phase, self.run_id) for r in run.results]
+            io.write_text(self.path(f"eval_{phase}.jsonl"), "".join(json.dumps(t) + "\n" for t in traces[phase]))
+        batch_uris = outputs.write_import_batches(self.run_uri, traces["before"] + traces["after"])
+
+        decode = {"strategy": "greedy", "temperature": 0.0, "max_new_tokens": m.eval.max_new_tokens,
+                  "max_prompt_len": m.eval.max_prompt_len, "batch_size": m.eval.batch_size,
+                  "stop_tokens": ["<end_of_turn>", "<eos>"],
+                  "tokens_per_s": {"before": round(before.tokens_per_s, 1), "after": round(after.tokens_per_s, 1)}}
+        data = counts.as_dict()
+        report = build_delta_report(before.results, after.results, run_id=self.run_id, eval_uri=m.eval.uri,
+                                    eval_sha256=self.record["eval_sha256"], decode=decode,
+                                    losses=self.metrics.losses, data_counts=data)
+        with tempfile.TemporaryDirectory() as tmp:
+            png = os.path.join(tmp, "loss_curve.png")
+            plot_loss_curve(self.metrics.losses, png)
+            io.upload(png, self.path("loss_curve.png"))
+        io.write_json(self.path("delta_report.json"), report)
+        io.write_text(self.path("delta_report.md"), render_markdown(report))
+
+        self.record["ended_at"] = utc_now()
+        self._write_record()
+        self.status.set(state="succeeded", phase=None)
+        artifacts = ["run_manifest.json", "status.json", "metrics.jsonl", "rejects.jsonl", "eval_before.jsonl",
+                     "eval_after.jsonl", "delta_report.json", "delta_report.md", "loss_curve.png"]
+        artifacts += [f"{outputs.IMPORT_DIR}/{io.basename(u)}" for u in batch_uris]
+        artifacts += _files_under(self.path("final"), "final")
+        outputs.write_success(self.run_uri, artifacts)
+        logs.info("run succeeded", run_dir=self.run_uri,
+                  flexible_before=report["before"]["flexible_accuracy"], flexible_after=report["after"]["flexible_accuracy"])
+
+    def _write_record(self) -> None:
+        io.write_json(self.path("run_manifest.json"), self.record)
+
+    def _safe_status(self, **fields) -> None:
+        """Best effort: the failure itself may be the storage."""
+        with contextlib.suppress(Exception):
+            self.status.set(**fields)
+        if self.record:
+            with contextlib.suppress(Exception):
+                self.record["ended_at"] = utc_now()
+                self._write_record()
+
+    def _on_sigterm(self, signum, frame) -> None:
+        if self.training:
+            logs.warning("SIGTERM: stopping after the current step and saving a checkpoint")
+            self.stop.set()
+        else:
+            raise Preempted("terminated by SIGTERM before training finished; run the same manifest again to resume")
+
+
+def _trainable_kind(m: Manifest):
+    from flax import nnx
+
+    return nnx.LoRAParam if m.training.lora is not None else nnx.Param
+
+
+def _files_under(uri: str, prefix: str) -> list[str]:
+    found = []
+    for child in io.listdir(uri):
+        name = f"{prefix}/{io.basename(child)}"
+        sub = io.listdir(child)
+        found.extend(_files_under(child, name) if sub else [name])
+    return found

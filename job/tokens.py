@@ -1,0 +1,164 @@
+"""Tokens: the SentencePiece tokenizer, ids with loss masks, the length policy, and fixed-shape batches.
+
+A rendered example is a list of text segments, each trainable or not (template.py). Tokenizing
+segment by segment gives the loss mask for free: 1 on the model turns' tokens (their closing
+`<end_of_turn>` included), 0 on everything else, and `<bos>` first.
+
+Batches carry `segment_ids` and `positions` besides the tokens and the loss mask, so that several
+examples can share a row (sequence packing) without changing the trainer: the attention mask is
+built from the segment ids (train.py), never from "token != pad" alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+from collections.abc import Iterable, Iterator
+
+import flax.struct
+import numpy as np
+import sentencepiece as spm
+
+from job import io
+from job.errors import BadInput
+from job.template import Rendered
+
+SHIPPED_TOKENIZER = "tiny_tokenizer.model"
+START_OF_TURN = "<start_of_turn>"
+END_OF_TURN = "<end_of_turn>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+    """A SentencePiece model with Gemma's special ids (pad 0, eos 1, bos 2)."""
+
+    processor: spm.SentencePieceProcessor
+    uri: str
+
+    @property
+    def vocab_size(self) -> int:
+        return self.processor.vocab_size()
+
+    @property
+    def pad_id(self) -> int:
+        return self.processor.pad_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self.processor.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.processor.eos_id()
+
+    @property
+    def end_of_turn_id(self) -> int:
+        return self.processor.piece_to_id(END_OF_TURN)
+
+    def encode(self, text: str) -> list[int]:
+        return self.processor.encode(text)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.processor.decode([int(i) for i in ids])
+
+
+def load_tokenizer(uri: str | None) -> Tokenizer:
+    """Load a SentencePiece model by URI; None means the tiny tokenizer shipped with the job."""
+    if uri is None:
+        data = importlib.resources.files("job.assets").joinpath(SHIPPED_TOKENIZER).read_bytes()
+        uri = f"(shipped) {SHIPPED_TOKENIZER}"
+    else:
+        data = io.read_bytes(uri)
+    processor = spm.SentencePieceProcessor()
+    try:
+        processor.LoadFromSerializedProto(data)
+    except Exception as err:  # sentencepiece raises RuntimeError/OSError with C++ text
+        raise BadInput(f"model.tokenizer_uri: {uri} is not a SentencePiece model ({err})") from None
+    tokenizer = Tokenizer(processor, uri)
+    for marker in (START_OF_TURN, END_OF_TURN):
+        if processor.piece_to_id(marker) == processor.unk_id():
+            raise BadInput(f"model.tokenizer_uri: {uri} has no single token for {marker}; "
+                           "use a Gemma tokenizer (or the shipped tiny one)")
+    if tokenizer.pad_id != 0:
+        raise BadInput(f"model.tokenizer_uri: {uri} has pad id {tokenizer.pad_id}; the job needs pad id 0 as in Gemma")
+    return tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedExample:
+    """One example's ids and loss mask (same length), `<bos>` first."""
+
+    id: str
+    ids: np.ndarray  # int32 [n]
+    loss_mask: np.ndarray  # bool [n]
+    truncated: bool = False
+
+    @property
+    def loss_tokens(self) -> int:
+        return int(self.loss_mask.sum())
+
+
+def tokenize(example_id: str, rendered: Rendered, tokenizer: Tokenizer, max_seq_len: int,
+             length_policy: str = "reject") -> TokenizedExample | str:
+    """Ids and loss mask for a rendered example, or the reason it cannot be used (a string)."""
+    ids = [tokenizer.bos_id]
+    mask = [False]
+    for segment in rendered.segments:
+        piece = tokenizer.encode(segment.text)
+        ids.extend(piece)
+        mask.extend([segment.trainable] * len(piece))
+    truncated = False
+    if len(ids) > max_seq_len:
+        if length_policy != "truncate":
+            return (f"{len(ids)} tokens is longer than training.max_seq_len={max_seq_len} "
+                    "(raise max_seq_len or set training.length_policy to 'truncate')")
+        ids, mask, truncated = ids[:max_seq_len], mask[:max_seq_len], True
+        if not any(mask[1:]):
+            return (f"truncated to training.max_seq_len={max_seq_len} tokens, nothing of the model turn is left "
+                    "to train on (raise max_seq_len)")
+    return TokenizedExample(example_id, np.asarray(ids, np.int32), np.asarray(mask, np.bool_), truncated)
+
+
+@flax.struct.dataclass(frozen=True)
+class Batch:
+    """A fixed-shape training batch. Row r holds examples numbered 1.. in `segment_ids` (0 = padding)."""
+
+    input_tokens: np.ndarray  # int32 [B, L]
+    input_mask: np.ndarray  # bool [B, L]: 1 where the loss is computed (the model turns)
+    segment_ids: np.ndarray  # int32 [B, L]
+    positions: np.ndarray  # int32 [B, L]: restart at 0 for each example
+
+
+def make_batch(rows: list[list[TokenizedExample]], seq_len: int, batch_size: int) -> Batch:
+    """Lay out rows of examples (one or more per row) into padded [batch_size, seq_len] arrays.
+
+    Missing rows (the last, partial batch) are all padding: they carry no loss.
+    """
+    tokens = np.zeros((batch_size, seq_len), np.int32)
+    loss = np.zeros((batch_size, seq_len), np.bool_)
+    segments = np.zeros((batch_size, seq_len), np.int32)
+    positions = np.zeros((batch_size, seq_len), np.int32)
+    for r, row in enumerate(rows):
+        start = 0
+        for s, example in enumerate(row, start=1):
+            end = start + len(example.ids)
+            if end > seq_len:
+                raise ValueError(f"row {r} holds {end} tokens, more than {seq_len}")
+            tokens[r, start:end] = example.ids
+            loss[r, start:end] = example.loss_mask
+            segments[r, start:end] = s
+            positions[r, start:end] = np.arange(end - start)
+            start = end
+    return Batch(tokens, loss, segments, positions)
+
+
+def batches(examples: Iterable[TokenizedExample], batch_size: int, seq_len: int) -> Iterator[Batch]:
+    """One example per row, padded to seq_len (a fixed shape: the step compiles once)."""
+    rows: list[list[TokenizedExample]] = []
+    for example in examples:
+        rows.append([example])
+        if len(rows) == batch_size:
+            yield make_batch(rows, seq_len, batch_size)
+            rows = []
+    if rows:
+        yield make_batch(rows, seq_len, batch_size)

@@ -1,0 +1,170 @@
+"""Training: the Tunix PeftTrainer wired to the manifest — optimizer, checkpoints and resume, metrics, stop requests.
+
+Full fine-tuning or LoRA is decided by the model itself (model.py): when it holds LoRA params
+Tunix trains only those. Checkpoints go through Tunix/Orbax into `{run dir}/checkpoints/`;
+constructing the trainer on a directory that has them restores the latest one, and `train()`
+re-reads the (deterministic) batch stream from the start, skipping the batches already trained on,
+so a rerun of the same manifest continues exactly where the last one stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable
+
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tunix.sft import peft_trainer
+
+from job.manifest import TrainingSpec
+from job.tokens import Batch
+
+
+def learning_rate_schedule(spec: TrainingSpec) -> optax.Schedule:
+    """Linear warmup to the peak, then cosine decay to a tenth of it at the last step."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=spec.learning_rate, warmup_steps=spec.warmup_steps,
+        decay_steps=max(spec.steps, spec.warmup_steps + 1), end_value=spec.learning_rate * 0.1)
+
+
+def optimizer(spec: TrainingSpec) -> optax.GradientTransformation:
+    # inject_hyperparams exposes the learning rate to Tunix's metrics logger.
+    adamw = optax.inject_hyperparams(optax.adamw)(
+        learning_rate=learning_rate_schedule(spec), weight_decay=spec.weight_decay)
+    if spec.max_grad_norm is None:
+        return adamw
+    return optax.chain(optax.clip_by_global_norm(spec.max_grad_norm), adamw)
+
+
+def model_inputs(batch: Batch) -> dict:
+    """What the loss function gets: attention stays within each example of a row (segment ids), causal."""
+    segments = batch.segment_ids
+    same_example = segments[:, :, None] == segments[:, None, :]
+    causal = jnp.tril(jnp.ones((segments.shape[1], segments.shape[1]), jnp.bool_))
+    attention_mask = same_example & (segments[:, None, :] != 0) & causal[None]
+    return {"input_tokens": batch.input_tokens, "input_mask": batch.input_mask,
+            "positions": batch.positions, "attention_mask": attention_mask}
+
+
+@dataclasses.dataclass
+class StepReport:
+    step: int
+    loss: float
+    learning_rate: float
+    tokens_per_s: float
+    elapsed_s: float
+
+
+class _Hooks:
+    """Tunix training hooks: per-step metrics out, eval loss out, and a stop request honoured between steps."""
+
+    def __init__(self, spec: TrainingSpec, on_step: Callable[[StepReport], None],
+                 on_eval: Callable[[int, float], None], eval_batches: int, stop: threading.Event):
+        self.schedule = learning_rate_schedule(spec)
+        self.tokens_per_step = spec.batch_size * spec.max_seq_len * spec.grad_accum_steps
+        self.on_step, self.on_eval, self.eval_batches = on_step, on_eval, eval_batches
+        self.started = self.last = time.perf_counter()
+        self.stop = stop
+
+    def on_train_start(self, trainer):
+        self.started = self.last = time.perf_counter()
+
+    def on_train_end(self, trainer):
+        pass
+
+    def on_train_step_start(self, trainer):
+        if self.stop.is_set():
+            # The loop checks max_steps before each step: the step running now is the last one.
+            trainer.config.max_steps = trainer.train_steps
+
+    def on_train_step_end(self, trainer, step, loss):
+        self.on_step(self.report(step, loss))
+
+    def report(self, step, loss) -> StepReport:
+        now = time.perf_counter()
+        # Tunix reports step k after step k+1 was dispatched; the interval still averages to the step time.
+        elapsed, self.last = now - self.last, now
+        return StepReport(step=int(step), loss=float(loss), learning_rate=float(self.schedule(step - 1)),
+                          tokens_per_s=self.tokens_per_step / elapsed if elapsed > 0 else 0.0,
+                          elapsed_s=now - self.started)
+
+    def on_eval_step_start(self, trainer):
+        pass
+
+    def on_eval_step_end(self, trainer, eval_loss):
+        self.on_eval(trainer.train_steps, float(eval_loss) / max(1, self.eval_batches))
+
+
+@dataclasses.dataclass
+class TrainResult:
+    start_step: int  # the step a resumed run restarted from (0 for a fresh one)
+    end_step: int
+    stopped_early: bool  # a stop was requested (preemption): the checkpoint at end_step is the resume point
+
+
+class Trainer:
+    """Owns the Tunix trainer for one run. Setting `stop` (from a signal handler, say) ends training
+    after the step in flight, with a checkpoint of it."""
+
+    def __init__(self, model: nnx.Module, spec: TrainingSpec, checkpoint_dir: str, tensorboard_dir: str,
+                 on_step: Callable[[StepReport], None], on_eval: Callable[[int, float], None],
+                 eval_batches: int, stop: threading.Event, on_checkpoint: Callable[[int], None]):
+        if "://" not in checkpoint_dir:
+            checkpoint_dir = os.path.abspath(checkpoint_dir)  # Orbax fails later, in a thread, on relative paths
+        config = peft_trainer.TrainingConfig(
+            eval_every_n_steps=spec.eval_every_steps or spec.steps + 1,
+            max_steps=spec.steps,
+            gradient_accumulation_steps=spec.grad_accum_steps if spec.grad_accum_steps > 1 else None,
+            checkpoint_root_directory=checkpoint_dir,
+            checkpointing_options=ocp.CheckpointManagerOptions(
+                save_interval_steps=spec.checkpoint_every_steps, max_to_keep=2),
+            metrics_logging_options=peft_trainer.MetricsLoggerOptions(
+                log_dir=tensorboard_dir, flush_every_n_steps=spec.log_every_steps),
+            pbar_description="Training",
+        )
+        self.spec = spec
+        self.hooks = _Hooks(spec, on_step, on_eval, eval_batches, stop)
+        self.trainer = peft_trainer.PeftTrainer(model, optimizer(spec), config)
+        self.trainer.with_gen_model_input_fn(model_inputs)
+        self.trainer.with_training_hooks(self.hooks)
+        self._report_before_checkpoints(on_step, on_checkpoint)
+
+    def _report_before_checkpoints(self, on_step, on_checkpoint) -> None:
+        """Make every checkpoint's step loss known (and flushed) before the checkpoint is written.
+
+        Tunix reports step k's loss only after step k+1 is dispatched, but saves step k's checkpoint
+        before that: a run killed in between would resume past a loss nobody logged. So, just before
+        a save, report the pending loss (Tunix's own buffer for it, the value it reports later) and
+        let the run flush its metrics. Relies on tunix 0.1.7 internals (pinned).
+        """
+        tunix_manager = self.trainer.checkpoint_manager
+        orbax_manager = tunix_manager._checkpoint_manager
+        save = tunix_manager.save
+
+        def save_after_reporting(step, *args, force=False, **kwargs):
+            if orbax_manager is not None and (force or orbax_manager.should_save(step)):
+                pending = self.trainer._prev_buffered_train_metrics
+                if pending is not None and pending.step + 1 == step:
+                    on_step(self.hooks.report(step, pending.loss))
+                on_checkpoint(step)
+            return save(step, *args, force=force, **kwargs)
+
+        tunix_manager.save = save_after_reporting
+
+    @property
+    def restored_step(self) -> int:
+        return self.trainer.train_steps
+
+    def train(self, train_batches: Iterable[Batch], eval_batches: list[Batch]) -> TrainResult:
+        start = self.trainer.train_steps
+        if start < self.spec.steps:
+            self.trainer.train(train_batches, eval_batches or None)
+        else:
+            self.trainer.close()
+        end = self.trainer.train_steps
+        return TrainResult(start_step=start, end_step=end, stopped_early=end < self.spec.steps)

@@ -1,0 +1,134 @@
+"""A stand-in for the tunix-rt backend's `POST /api/traces/batch`, enforcing the documented contract.
+
+Threaded http.server on 127.0.0.1 (a free port). Checks run in the backend's order: the body is
+validated as a list of ReasoningTrace first (422, FastAPI-style, nothing stored), then the
+endpoint's own checks (400 for an empty batch or more than 1,000 traces), then 201. Tests can make
+the next requests fail with a status (503) or answer late (to trigger client timeouts).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from job.outputs import MAX_BATCH, trace_errors
+
+BATCH_PATH = "/api/traces/batch"
+
+
+class BackendStub:
+    def __init__(self) -> None:
+        self.traces: list[dict] = []  # every accepted trace, as the backend would store it
+        self.requests = 0  # POSTs to the batch endpoint, answered or not
+        self._lock = threading.Lock()
+        self._failures: list[int] = []
+        self._delays: list[float] = []
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        # A short poll interval: shutdown() waits for the serving loop to notice it (default 0.5 s).
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.02,), daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> BackendStub:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> BackendStub:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def fail_next(self, n: int, status: int = 503) -> None:
+        """Answer the next n batch requests with `status` and store nothing."""
+        with self._lock:
+            self._failures += [status] * n
+
+    def delay_next(self, n: int, seconds: float) -> None:
+        """Wait `seconds` before handling each of the next n requests (which are then handled normally)."""
+        with self._lock:
+            self._delays += [seconds] * n
+
+    def _take(self) -> tuple[float, int | None]:
+        with self._lock:
+            self.requests += 1
+            delay = self._delays.pop(0) if self._delays else 0.0
+            failure = self._failures.pop(0) if self._failures else None
+        return delay, failure
+
+    def _handle_batch(self, raw: bytes) -> tuple[int, dict]:
+        try:
+            body = json.loads(raw)
+        except ValueError as e:
+            return 422, {"detail": [{"type": "json_invalid", "loc": ["body", 0], "msg": "JSON decode error",
+                                     "input": {}, "ctx": {"error": str(e)}}]}
+        if not isinstance(body, list):
+            return 422, {"detail": [{"type": "list_type", "loc": ["body"], "msg": "Input should be a valid list",
+                                     "input": body}]}
+        errors = [
+            {**e, "loc": ["body", index, *e["loc"]]}
+            for index, trace in enumerate(body)
+            for e in trace_errors(trace)
+        ]
+        if errors:
+            return 422, {"detail": errors}
+        if not body:
+            return 400, {"detail": "Batch must contain at least one trace"}
+        if len(body) > MAX_BATCH:
+            return 400, {"detail": f"Batch size ({len(body)}) exceeds maximum ({MAX_BATCH})"}
+        created = []
+        with self._lock:
+            for trace in body:
+                stored = {
+                    "id": str(uuid.uuid4()),
+                    "created_at": datetime.now(timezone.utc).isoformat(),
+                    **{k: trace.get(k) for k in ("trace_version", "prompt", "final_answer", "steps", "meta")},
+                }
+                self.traces.append(stored)  # extra fields are dropped, as the backend does
+                created.append({k: stored[k] for k in ("id", "created_at", "trace_version")})
+        return 201, {"created_count": len(created), "traces": created}
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:  # keep test output quiet
+                pass
+
+            def _send(self, status: int, payload: dict) -> None:
+                data = json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timed out) before the answer
+
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.path != BATCH_PATH:
+                    self._send(404, {"detail": "Not Found"})
+                    return
+                delay, failure = stub._take()
+                if delay:
+                    time.sleep(delay)
+                if failure is not None:
+                    self._send(failure, {"detail": "Service Unavailable"})
+                    return
+                self._send(*stub._handle_batch(raw))
+
+        return Handler

@@ -1,0 +1,216 @@
+"""End to end: the real job (Tunix training of the tiny model, Orbax checkpoints, greedy eval) in subprocesses.
+
+One small configuration is run several ways — locally, from and to a bucket, interrupted by
+SIGTERM, killed by SIGKILL — and every way must end with the same losses and the same generations
+as the uninterrupted local run, bit for bit (CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from job import io
+from job.errors import EXIT_OK, EXIT_RETRIABLE
+from job.outputs import validate_trace
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "manifests" / "local_tiny.json"
+SMALL = [
+    "training.steps=8", "training.batch_size=4", "training.warmup_steps=2", "training.checkpoint_every_steps=2",
+    "training.log_every_steps=2", "training.eval_every_steps=4", "dataset.limit=200", "dataset.holdout=4",
+    "eval.limit=6", "eval.batch_size=6", "eval.max_new_tokens=24",
+]
+ARTIFACTS = ["run_manifest.json", "status.json", "metrics.jsonl", "rejects.jsonl", "eval_before.jsonl",
+             "eval_after.jsonl", "delta_report.json", "delta_report.md", "loss_curve.png",
+             "import/traces-00001.json", "final/model.json", "final/tokenizer.model"]
+
+
+def job_command(manifest: str, *overrides: str) -> list[str]:
+    args = [sys.executable, "-m", "job", "run", "--manifest", manifest]
+    for override in [*SMALL, *overrides]:
+        args += ["--set", override]
+    return args
+
+
+def run_job(manifest: str, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(job_command(manifest, *overrides), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def start_job(manifest: str, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(job_command(manifest, *overrides), cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(condition, timeout: float = 120, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def state_of(run_uri: str) -> dict:
+    try:
+        return io.read_json(io.join(run_uri, "status.json"))
+    except Exception:  # not written yet, or being replaced
+        return {}
+
+
+def outcome(run_uri: str) -> dict:
+    """What must not depend on how the run got there: losses, eval losses, generations, final weights' bytes."""
+    lines = [json.loads(x) for x in io.read_text(io.join(run_uri, "metrics.jsonl")).splitlines()]
+    generations = {phase: [json.loads(x)["meta"]["raw_output"]
+                           for x in io.read_text(io.join(run_uri, f"eval_{phase}.jsonl")).splitlines()]
+                   for phase in ("before", "after")}
+    return {
+        "losses": [(x["step"], x["loss"]) for x in lines if "loss" in x],
+        "eval_losses": [(x["step"], x["eval_loss"]) for x in lines if "eval_loss" in x],
+        "generations": generations,
+        "final_params": final_params(run_uri),
+    }
+
+
+def final_params(run_uri: str) -> dict:
+    import jax
+    import numpy as np
+    import orbax.checkpoint as ocp
+
+    path = io.join(run_uri, "final", "params")
+    restored = ocp.StandardCheckpointer().restore(path if "://" in path else os.path.abspath(path))
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(restored)}
+
+
+def same_result(a: dict, b: dict) -> None:
+    assert a["losses"] == b["losses"]
+    assert a["eval_losses"] == b["eval_losses"]
+    assert a["generations"] == b["generations"]
+    assert a["final_params"] and a["final_params"].keys() == b["final_params"].keys()
+    for name, value in a["final_params"].items():
+        assert value.dtype == b["final_params"][name].dtype
+        assert value.tobytes() == b["final_params"][name].tobytes(), name
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("baseline")
+    done = run_job(str(DEMO), f"output.uri={out}", "run_id=base")
+    assert done.returncode == EXIT_OK, done.stderr[-3000:]
+    return str(out / "base")
+
+
+def test_run_directory_is_complete(baseline):
+    for name in ARTIFACTS:
+        assert io.exists(io.join(baseline, name)), name
+    success = io.read_json(io.join(baseline, "_SUCCESS"))
+    listed = {a["path"]: a for a in success["artifacts"]}
+    assert set(ARTIFACTS) <= set(listed)
+    for path, entry in listed.items():  # the listing matches what is on disk
+        assert io.size(io.join(baseline, path)) == entry["size"]
+        assert io.sha256(io.join(baseline, path)) == entry["sha256"]
+    # _SUCCESS is written last.
+    newest = max(os.path.getmtime(os.path.join(baseline, p)) for p in listed)
+    assert os.path.getmtime(os.path.join(baseline, "_SUCCESS")) >= newest
+
+    status = io.read_json(io.join(baseline, "status.json"))
+    assert status["state"] == "succeeded" and status["step"] == 8 and status["total_steps"] == 8
+    record = io.read_json(io.join(baseline, "run_manifest.json"))
+    assert record["seed"] == 1234 and record["run_id"] == "base"
+    assert record["versions"]["google-tunix"] == "0.1.7" and record["versions"]["jax"]
+    assert len(record["dataset_sha256"]) == 64 and len(record["eval_sha256"]) == 64
+    assert record["data"]["read"] == record["data"]["trained"] + record["data"]["held_out"] + record["data"]["rejected"]
+    assert record["manifest"]["training"]["steps"] == 8  # overrides are recorded
+    assert record["started_at"] and record["ended_at"]
+
+
+def test_metrics_and_report(baseline):
+    lines = [json.loads(x) for x in io.read_text(io.join(baseline, "metrics.jsonl")).splitlines()]
+    steps = [x["step"] for x in lines if "loss" in x]
+    assert steps == list(range(1, 9))
+    assert all({"loss", "learning_rate", "tokens_per_s", "elapsed_s"} <= set(x) for x in lines if "loss" in x)
+    assert [x["step"] for x in lines if "eval_loss" in x] == [0, 4, 8]
+    first, last = lines[1]["loss"], [x for x in lines if "loss" in x][-1]["loss"]
+    assert last < first  # it trained
+
+    report = io.read_json(io.join(baseline, "delta_report.json"))
+    for side in ("before", "after"):
+        assert report[side]["n"] == 6
+        assert {"strict_accuracy", "flexible_accuracy"} <= set(report[side])
+    assert set(report["fixed"]) | set(report["broken"]) | set(report["unchanged"]) == {f"arith-{i:03d}" for i in range(1, 7)}
+    assert 0.0 <= report["mcnemar_p"] <= 1.0
+    assert report["eval_sha256"] == io.read_json(io.join(baseline, "run_manifest.json"))["eval_sha256"]
+    markdown = io.read_text(io.join(baseline, "delta_report.md"))
+    assert "loss_curve.png" in markdown
+    assert io.read_bytes(io.join(baseline, "loss_curve.png")).startswith(b"\x89PNG")
+
+
+def test_outputs_are_valid_backend_traces(baseline):
+    for phase in ("before", "after"):
+        traces = [json.loads(x) for x in io.read_text(io.join(baseline, f"eval_{phase}.jsonl")).splitlines()]
+        assert len(traces) == 6
+        for trace in traces:
+            assert validate_trace(trace) == []
+            assert trace["meta"]["phase"] == phase and trace["meta"]["run_id"] == "base"
+    batch = io.read_json(io.join(baseline, "import", "traces-00001.json"))
+    assert isinstance(batch, list) and len(batch) == 12 and all(validate_trace(t) == [] for t in batch)
+
+
+def test_rerun_of_a_finished_run_does_nothing(baseline):
+    before = io.sha256(io.join(baseline, "_SUCCESS"))
+    done = run_job(str(DEMO), f"output.uri={Path(baseline).parent}", "run_id=base")
+    assert done.returncode == EXIT_OK
+    assert "already succeeded" in done.stderr
+    assert io.sha256(io.join(baseline, "_SUCCESS")) == before
+
+
+def test_same_run_from_and_to_a_bucket_is_bit_identical(baseline, gcs_bucket):
+    # The manifest sits in the bucket and names its data beside it, relative.
+    io.upload(str(ROOT / "datasets" / "arith_train.jsonl"), f"{gcs_bucket}/datasets/arith_train.jsonl")
+    io.upload(str(ROOT / "evalsets" / "arith_eval.jsonl"), f"{gcs_bucket}/evalsets/arith_eval.jsonl")
+    io.upload(str(DEMO), f"{gcs_bucket}/manifests/local_tiny.json")
+    done = run_job(f"{gcs_bucket}/manifests/local_tiny.json", "run_id=base")
+    assert done.returncode == EXIT_OK, done.stderr[-3000:]
+    run_uri = f"{gcs_bucket}/runs/base"
+    assert io.listdir(f"{run_uri}/checkpoints")  # Orbax wrote to the bucket
+    same_result(outcome(baseline), outcome(run_uri))
+
+
+def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_identically(baseline, tmp_path):
+    run_uri = str(tmp_path / "base")
+    proc = start_job(str(DEMO), f"output.uri={tmp_path}", "run_id=base")
+    wait_for(lambda: state_of(run_uri).get("state") == "training", what="training to start")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_RETRIABLE, stderr[-3000:]
+    status = state_of(run_uri)
+    assert status["state"] == "preempted" and status["step"] < 8
+    assert io.listdir(io.join(run_uri, "checkpoints"))
+    assert not io.exists(io.join(run_uri, "_SUCCESS"))
+
+    done = run_job(str(DEMO), f"output.uri={tmp_path}", "run_id=base")
+    assert done.returncode == EXIT_OK, done.stderr[-3000:]
+    assert "resuming from checkpoint" in done.stderr
+    same_result(outcome(baseline), outcome(run_uri))
+
+
+def test_sigkill_mid_training_and_the_rerun_ends_identically(baseline, tmp_path):
+    run_uri = str(tmp_path / "base")
+    proc = start_job(str(DEMO), f"output.uri={tmp_path}", "run_id=base")
+    checkpoints = tmp_path / "base" / "checkpoints"
+    wait_for(lambda: checkpoints.exists() and any(p.name.isdigit() and int(p.name) >= 2 for p in checkpoints.iterdir()),
+             what="a checkpoint at step 2")
+    proc.kill()
+    proc.communicate(timeout=60)
+    assert not io.exists(io.join(run_uri, "_SUCCESS"))
+
+    done = run_job(str(DEMO), f"output.uri={tmp_path}", "run_id=base")
+    assert done.returncode == EXIT_OK, done.stderr[-3000:]
+    same_result(outcome(baseline), outcome(run_uri))
