@@ -16,6 +16,7 @@ from flax import nnx
 from tunix.models.dummy_model_creator import create_dummy_model
 from tunix.models.gemma3 import model as gemma3
 
+from job import io, weights
 from job.errors import BadInput
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -82,8 +83,6 @@ def build_model(spec, lora, seed: int, vocab_size: int, cache_dir: str) -> Built
 
 
 def _load(spec, config, cache_dir: str, base: dict):
-    from job import io, weights
-
     model_json = io.join(spec.weights_uri, "model.json")
     if spec.weights_format in ("auto", "job") and io.exists(model_json):
         return _load_final(spec, config, cache_dir, io.read_json(model_json))
@@ -92,7 +91,6 @@ def _load(spec, config, cache_dir: str, base: dict):
 
 def _load_final(spec, config, cache_dir: str, info: dict):
     """A previous run's final/ directory: full weights, or a LoRA adapter on top of the base it names."""
-    from job import io, weights
 
     if info.get("format") != FINAL_FORMAT:
         raise BadInput(f"model.weights_uri: {spec.weights_uri}/model.json is not a {FINAL_FORMAT} description")
@@ -129,7 +127,6 @@ def _abstract(config: gemma3.ModelConfig) -> gemma3.Gemma3:
 
 def save_final(built: BuiltModel, final_uri: str, spec, lora, tokenizer_bytes: bytes) -> list[str]:
     """Write final/: weights (or the LoRA adapter), model.json saying how to rebuild, the tokenizer. Returns the files' names."""
-    from job import io, weights
 
     cfg = built.config
     info = {

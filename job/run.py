@@ -179,8 +179,8 @@ class Run:
         self.status.set(state="evaluating", phase="before")
         before = self._evaluate(decoder, items, "before")
 
+        self.training = True  # before the status says so: a SIGTERM from then on must stop, not abort
         self.status.set(state="training", phase=None)
-        self.training = True
         with tempfile.TemporaryDirectory(prefix="tensorboard-") as tb_dir:
             trainer = Trainer(built.model, m.training, self.path("checkpoints"), tb_dir,
                               self._on_step, self._on_eval, len(eval_batches(m, held_out)), self.stop,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -273,3 +274,13 @@ def test_schema_describes_every_field_and_allows_comments():
 def test_non_object_manifest_is_bad_input():
     with pytest.raises(BadInput, match=r"^manifest: a run manifest must be a JSON object"):
         parse_manifest([1, 2])  # type: ignore[arg-type]
+
+
+EXAMPLES = sorted(p for p in (Path(__file__).resolve().parent.parent / "manifests").glob("*.json")
+                  if not p.name.endswith(".schema.json"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_manifest_is_valid(path):
+    m = load_manifest(str(path))
+    assert m.output.uri and m.dataset.uri and m.eval.uri

@@ -214,3 +214,37 @@ def test_sigkill_mid_training_and_the_rerun_ends_identically(baseline, tmp_path)
     done = run_job(str(DEMO), f"output.uri={tmp_path}", "run_id=base")
     assert done.returncode == EXIT_OK, done.stderr[-3000:]
     same_result(outcome(baseline), outcome(run_uri))
+
+
+def regenerate(final_uri: str, preset_dtype: str, items: int) -> list[str]:
+    """Load a run's final/ as model.weights_uri and greedily decode the eval prompts again."""
+    from job.evaluate import Decoder, evaluate
+    from job.formats import read_eval_items
+    from job.manifest import load_manifest
+    from job.model import build_model
+    from job.tokens import load_tokenizer
+
+    m = load_manifest(str(DEMO), [*SMALL, f"model.weights_uri={final_uri}", f"model.dtype={preset_dtype}"])
+    tokenizer = load_tokenizer(f"{final_uri}/tokenizer.model")
+    built = build_model(m.model, None, 999, tokenizer.vocab_size, cache_dir=str(ROOT / ".cache" / "test-weights"))
+    run = evaluate(Decoder(built.model, built.config, tokenizer, m.eval), read_eval_items(m.eval.uri, items), m.template)
+    return [r.output for r in run.results]
+
+
+def test_final_weights_load_as_a_later_runs_model(baseline):
+    # The seed passed to build_model differs from the run's: every weight must come from final/.
+    assert regenerate(f"{baseline}/final", "float32", 6) == outcome(baseline)["generations"]["after"]
+
+
+def test_lora_run_saves_an_adapter_that_reproduces_its_eval(tmp_path):
+    done = run_job(str(DEMO), f"output.uri={tmp_path}", "run_id=lora", 'training.lora={"rank": 4, "alpha": 8.0}',
+                   "training.learning_rate=0.01")
+    assert done.returncode == EXIT_OK, done.stderr[-3000:]
+    run_uri = str(tmp_path / "lora")
+    info = io.read_json(f"{run_uri}/final/model.json")
+    assert info["lora"]["rank"] == 4 and info["base"]["preset"] == "tiny" and info["base"]["seed"] == 1234
+    assert io.exists(f"{run_uri}/final/adapter") and not io.exists(f"{run_uri}/final/params")
+    record = io.read_json(f"{run_uri}/run_manifest.json")
+    assert record["parameters"]["trainable"] < record["parameters"]["total"] / 10  # only the adapters train
+    generations = [json.loads(x)["meta"]["raw_output"] for x in io.read_text(f"{run_uri}/eval_after.jsonl").splitlines()]
+    assert regenerate(f"{run_uri}/final", "float32", 6) == generations
