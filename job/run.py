@@ -222,7 +222,7 @@ class Run:
                 rejects.write(json.dumps({"uri": r.uri, "line": r.line, "reason": r.reason, "raw": r.raw}) + "\n")
             counts, held_out = scan(m, tokenizer, on_reject)
         try:
-            io.write_bytes(self.path("rejects.jsonl"), open(rejects.name, "rb").read())
+            io.upload(rejects.name, self.path("rejects.jsonl"))
         finally:
             os.unlink(rejects.name)
         logs.info("dataset scanned", **{k: v for k, v in counts.as_dict().items() if k != "reject_reasons"})
