@@ -236,11 +236,13 @@ def test_final_weights_load_as_a_later_runs_model(baseline):
     assert regenerate(f"{baseline}/final", "float32", 6) == outcome(baseline)["generations"]["after"]
 
 
-def test_lora_run_saves_an_adapter_that_reproduces_its_eval(tmp_path):
+def test_lora_run_with_gradient_accumulation_saves_an_adapter_that_reproduces_its_eval(tmp_path):
     done = run_job(str(DEMO), f"output.uri={tmp_path}", "run_id=lora", 'training.lora={"rank": 4, "alpha": 8.0}',
-                   "training.learning_rate=0.01")
+                   "training.learning_rate=0.01", "training.grad_accum_steps=2")
     assert done.returncode == EXIT_OK, done.stderr[-3000:]
     run_uri = str(tmp_path / "lora")
+    losses = [json.loads(x) for x in io.read_text(f"{run_uri}/metrics.jsonl").splitlines()]
+    assert [x["step"] for x in losses if "loss" in x] == list(range(1, 9))  # 8 optimizer steps of 2 micro-batches
     info = io.read_json(f"{run_uri}/final/model.json")
     assert info["lora"]["rank"] == 4 and info["base"]["preset"] == "tiny" and info["base"]["seed"] == 1234
     assert io.exists(f"{run_uri}/final/adapter") and not io.exists(f"{run_uri}/final/params")
