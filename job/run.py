@@ -22,6 +22,7 @@ import tempfile
 import threading
 
 import jax
+from flax import nnx
 
 import job
 from job import io, logs, outputs
@@ -182,14 +183,15 @@ class Run:
         self.training = True  # before the status says so: a SIGTERM from then on must stop, not abort
         self.status.set(state="training", phase=None)
         with tempfile.TemporaryDirectory(prefix="tensorboard-") as tb_dir:
+            holdout_batches = eval_batches(m, held_out)
             trainer = Trainer(built.model, m.training, self.path("checkpoints"), tb_dir,
-                              self._on_step, self._on_eval, len(eval_batches(m, held_out)), self.stop,
+                              self._on_step, self._on_eval, len(holdout_batches), self.stop,
                               on_checkpoint=lambda step: self.metrics.flush())
             self.resumed_from = trainer.restored_step
             self.metrics.resume_from(self.resumed_from)
             if self.resumed_from:
                 logs.info("resuming from checkpoint", step=self.resumed_from)
-            result = trainer.train(training_batches(m, tokenizer, seed), eval_batches(m, held_out))
+            result = trainer.train(training_batches(m, tokenizer, seed), holdout_batches)
             self.training = False
             self.metrics.flush()
             io.upload(tb_dir, self.path("tensorboard"))
@@ -319,8 +321,6 @@ class Run:
 
 
 def _trainable_kind(m: Manifest):
-    from flax import nnx
-
     return nnx.LoRAParam if m.training.lora is not None else nnx.Param
 
 

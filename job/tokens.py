@@ -21,11 +21,10 @@ import sentencepiece as spm
 
 from job import io
 from job.errors import BadInput
+from job.formats import END_OF_TURN, START_OF_TURN
 from job.template import Rendered
 
 SHIPPED_TOKENIZER = "tiny_tokenizer.model"
-START_OF_TURN = "<start_of_turn>"
-END_OF_TURN = "<end_of_turn>"
 
 
 @dataclasses.dataclass(frozen=True)
