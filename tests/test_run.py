@@ -250,3 +250,16 @@ def test_lora_run_with_gradient_accumulation_saves_an_adapter_that_reproduces_it
     assert record["parameters"]["trainable"] < record["parameters"]["total"] / 10  # only the adapters train
     generations = [json.loads(x)["meta"]["raw_output"] for x in io.read_text(f"{run_uri}/eval_after.jsonl").splitlines()]
     assert regenerate(f"{run_uri}/final", "float32", 6) == generations
+
+
+def test_sigterm_before_training_is_retriable_and_leaves_no_success(tmp_path):
+    run_uri = str(tmp_path / "base")
+    proc = start_job(str(DEMO), f"output.uri={tmp_path}", "run_id=base")
+    wait_for(lambda: state_of(run_uri).get("state") == "evaluating", what="the eval before training")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_RETRIABLE, stderr[-3000:]
+    assert state_of(run_uri)["state"] == "preempted"
+    assert "SIGTERM" in state_of(run_uri)["error"]
+    assert not io.exists(io.join(run_uri, "_SUCCESS"))
+    assert '"severity": "ERROR"' in stderr and "Traceback" not in stderr  # a clear message, no stack dump
