@@ -124,7 +124,9 @@ class Run:
         self.m, self.run_id, self.run_uri, self.manifest_uri = m, run_id, run_uri, manifest_uri
         self.status = Status(run_uri, m.training.steps)
         self.metrics = Metrics(run_uri, m.training.log_every_steps)
-        self.training = False  # SIGTERM while training: finish the step, checkpoint, then stop
+        # Set by SIGTERM. Never raise from the signal handler: libraries (JAX's compile cache, for one)
+        # catch broad exceptions and would swallow it. Training stops after its current step; other
+        # phases stop at the next phase boundary.
         self.stop = threading.Event()
         self.resumed_from = 0
         self.record: dict = {}
@@ -171,6 +173,7 @@ class Run:
         counts, held_out = self._validate_data(tokenizer)
         self.record.update(dataset_sha256=counts.sha256, eval_sha256=eval_digest.hexdigest(), data=counts.as_dict())
         self._write_record()
+        self._stop_if_asked()
 
         built = build_model(m.model, m.training.lora, seed, tokenizer.vocab_size, cache_dir())
         self.record["parameters"] = {"total": parameter_count(built.model),
@@ -179,8 +182,8 @@ class Run:
 
         self.status.set(state="evaluating", phase="before")
         before = self._evaluate(decoder, items, "before")
+        self._stop_if_asked()
 
-        self.training = True  # before the status says so: a SIGTERM from then on must stop, not abort
         self.status.set(state="training", phase=None)
         with tempfile.TemporaryDirectory(prefix="tensorboard-") as tb_dir:
             holdout_batches = eval_batches(m, held_out)
@@ -192,7 +195,6 @@ class Run:
             if self.resumed_from:
                 logs.info("resuming from checkpoint", step=self.resumed_from)
             result = trainer.train(training_batches(m, tokenizer, seed), holdout_batches)
-            self.training = False
             self.metrics.flush()
             io.upload(tb_dir, self.path("tensorboard"))
         if result.stopped_early:
@@ -203,6 +205,7 @@ class Run:
 
         self.status.set(state="evaluating", phase="after", step=result.end_step)
         after = self._evaluate(decoder, items, "after")
+        self._stop_if_asked()
         save_final(built, self.path("final"), m.model, m.training.lora, tokenizer.processor.serialized_model_proto())
         self._write_outputs(before, after, counts)
 
@@ -313,11 +316,12 @@ class Run:
                 self._write_record()
 
     def _on_sigterm(self, signum, frame) -> None:
-        if self.training:
-            logs.warning("SIGTERM: stopping after the current step and saving a checkpoint")
-            self.stop.set()
-        else:
-            raise Preempted("terminated by SIGTERM before training finished; run the same manifest again to resume")
+        logs.warning("SIGTERM: stopping (during training: after the current step, with a checkpoint)")
+        self.stop.set()
+
+    def _stop_if_asked(self) -> None:
+        if self.stop.is_set():
+            raise Preempted("stopped by SIGTERM; run the same manifest again to resume")
 
 
 def _trainable_kind(m: Manifest):
