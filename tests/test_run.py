@@ -65,6 +65,16 @@ def state_of(run_uri: str) -> dict:
         return {}
 
 
+def terminate_in_state(output_uri, run_uri: str, state: str) -> str:
+    """Start the job, send SIGTERM once status.json says `state`, expect the retriable exit; returns stderr."""
+    proc = start_job(str(DEMO), f"output.uri={output_uri}", "run_id=base")
+    wait_for(lambda: state_of(run_uri).get("state") == state, what=f"state {state!r}")
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_RETRIABLE, stderr[-3000:]
+    return stderr
+
+
 def outcome(run_uri: str) -> dict:
     """What must not depend on how the run got there: losses, eval losses, generations, final weights' bytes."""
     lines = [json.loads(x) for x in io.read_text(io.join(run_uri, "metrics.jsonl")).splitlines()]
@@ -185,11 +195,7 @@ def test_same_run_from_and_to_a_bucket_is_bit_identical(baseline, gcs_bucket):
 
 def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_identically(baseline, tmp_path):
     run_uri = str(tmp_path / "base")
-    proc = start_job(str(DEMO), f"output.uri={tmp_path}", "run_id=base")
-    wait_for(lambda: state_of(run_uri).get("state") == "training", what="training to start")
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == EXIT_RETRIABLE, stderr[-3000:]
+    terminate_in_state(tmp_path, run_uri, "training")
     status = state_of(run_uri)
     assert status["state"] == "preempted" and status["step"] < 8
     assert io.listdir(io.join(run_uri, "checkpoints"))
@@ -254,11 +260,7 @@ def test_lora_run_with_gradient_accumulation_saves_an_adapter_that_reproduces_it
 
 def test_sigterm_before_training_is_retriable_and_leaves_no_success(tmp_path):
     run_uri = str(tmp_path / "base")
-    proc = start_job(str(DEMO), f"output.uri={tmp_path}", "run_id=base")
-    wait_for(lambda: state_of(run_uri).get("state") == "evaluating", what="the eval before training")
-    proc.send_signal(signal.SIGTERM)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == EXIT_RETRIABLE, stderr[-3000:]
+    stderr = terminate_in_state(tmp_path, run_uri, "evaluating")
     assert state_of(run_uri)["state"] == "preempted"
     assert "SIGTERM" in state_of(run_uri)["error"]
     assert not io.exists(io.join(run_uri, "_SUCCESS"))
