@@ -27,6 +27,9 @@ RESERVED_MARKERS = (START_OF_TURN, END_OF_TURN, "<bos>", "<eos>", "<pad>")
 
 FORMATS = ("trace", "tunix_sft", "training_example", "reasoning_trace", "messages", "prompt_completion")
 DETECT_WINDOW = 20  # records looked at before auto-detection gives up
+# A line longer than this is rejected unread: no training.max_seq_len holds it, and tokenizing a
+# 50 MB line would take minutes.
+MAX_RECORD_BYTES = 8 * 2**20
 RAW_CAP = 10_000  # characters of a rejected line kept in its Reject
 GEMMA_ROLES = ("user", "model")
 
@@ -381,6 +384,8 @@ def _decode(data: bytes) -> dict:
         value = json.loads(text)
     except json.JSONDecodeError as e:
         raise _Invalid(f"invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:  # a hostile "[[[[...": Python's parser recurses per level
+        raise _Invalid("nested too deeply to be a record") from None
     if isinstance(value, list):
         raise _Invalid("a JSON array, not a JSONL object; write one object per line")
     if not isinstance(value, dict):
@@ -393,6 +398,9 @@ def _reject(uri: str, n: int, reason: str, data: bytes) -> Reject:
 
 
 def _convert(fmt: str, n: int, data: bytes, uri: str) -> Example | Reject:
+    if len(data) > MAX_RECORD_BYTES:
+        return _reject(uri, n, f"the line is {len(data):,} bytes long; records are limited to "
+                       f"{MAX_RECORD_BYTES:,} bytes (far more than training.max_seq_len can hold)", data)
     try:
         obj = _decode(data)
     except _Invalid as e:

@@ -2,8 +2,12 @@
 
 The same calls serve gs:// (gcsfs), file://, plain local paths, memory:// (tests) and any other
 fsspec scheme whose package is installed (s3:// with s3fs). Storage failures come out as the job's
-own errors: a missing or forbidden object is BadInput (naming the URI and the fix), anything else
-that goes wrong talking to storage after the client's own retries is Retriable.
+own errors: a missing or forbidden object is BadInput (naming the URI and the fix), never retried;
+anything else that goes wrong talking to storage (connection refused or reset, timeouts, 429/5xx
+after the client's own retries) is retried here too, `TUNIX_JOB_IO_RETRIES` times (default 4) with
+exponential backoff from `TUNIX_JOB_IO_BACKOFF_S` seconds (default 2: 2, 4, 8, 16 s), and is
+Retriable when it lasts. A stream that breaks mid-file is reopened and continues after the last
+line it gave.
 """
 
 from __future__ import annotations
@@ -22,13 +26,15 @@ import posixpath
 import re
 import shutil
 import tempfile
+import time
 import uuid
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import fsspec
 
+from job import logs
 from job.errors import BadInput, JobError, Retriable
 
 # Object-store reads: a readahead cache fetches whole blocks in order (the default "adaptive"
@@ -149,6 +155,43 @@ def _storage_errors(uri: str) -> Iterator[None]:
         raise
 
 
+def retry_settings() -> tuple[int, float]:
+    """(retries, first backoff in seconds) for transient storage errors, from the environment."""
+    try:
+        retries = int(os.environ.get("TUNIX_JOB_IO_RETRIES", "4"))
+        backoff = float(os.environ.get("TUNIX_JOB_IO_BACKOFF_S", "2"))
+    except ValueError as e:
+        raise BadInput(f"TUNIX_JOB_IO_RETRIES / TUNIX_JOB_IO_BACKOFF_S: not a number ({e})") from None
+    return max(0, retries), max(0.0, backoff)
+
+
+def _back_off(uri: str, attempt: int, err: Retriable) -> None:
+    """Log and wait before retry number `attempt + 1`; re-raise when the retries are spent."""
+    retries, backoff = retry_settings()
+    if attempt >= retries:
+        if retries:
+            raise Retriable(f"{err} (gave up after {retries + 1} attempts)") from err.__cause__
+        raise err
+    wait = min(backoff * 2**attempt, 60.0)
+    logs.warning("storage error; retrying", uri=uri, attempt=attempt + 1, retries=retries, wait_s=wait,
+                 error=str(err.__cause__ or err))
+    time.sleep(wait)
+
+
+def _retrying(uri: str, call: Callable[[], Any]) -> Any:
+    """call() with storage errors translated, transient ones retried with backoff."""
+    attempt = 0
+    while True:
+        try:
+            with _storage_errors(uri):
+                return call()
+        except BadInput:
+            raise
+        except Retriable as err:
+            _back_off(uri, attempt, err)
+            attempt += 1
+
+
 def _fs(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     try:
         return fsspec.core.url_to_fs(uri)
@@ -185,39 +228,54 @@ def _split_lines(stream: Any) -> Iterator[bytes]:
         yield b"".join(pending)
 
 
+def _raw_lines(uri: str, raw: Any) -> Iterator[tuple[int, bytes]]:
+    stream = gzip.GzipFile(fileobj=raw, mode="rb") if uri.endswith(".gz") else raw
+    lines = _split_lines(stream)
+    number = 0
+    while True:
+        try:
+            line = next(lines)
+        except StopIteration:
+            return
+        except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+            raise BadInput(f"{uri}: not a complete gzip file after line {number} ({e}); upload it again") from e
+        number += 1
+        yield number, line
+
+
 def iter_lines(uri: str, digest: Any = None) -> Iterator[tuple[int, bytes]]:
     """Stream (1-based line number, line without its "\\n" or "\\r\\n") in constant memory.
 
     A ".gz" URI is decompressed. `digest` (a hashlib object) is updated with every byte read
-    (decompressed), so afterwards it holds the hash of exactly what the caller saw.
+    (decompressed), so afterwards it holds the hash of exactly what the caller saw. A transient
+    storage error reopens the file and carries on after the last line given.
     """
     fs, path = _fs(uri)
-    with _storage_errors(uri), _open_read(fs, path) as raw:
-        stream = gzip.GzipFile(fileobj=raw, mode="rb") if uri.endswith(".gz") else raw
-        lines = _split_lines(stream)
-        number = 0
-        while True:
-            try:
-                line = next(lines)
-            except StopIteration:
-                return
-            except (EOFError, gzip.BadGzipFile, zlib.error) as e:
-                raise BadInput(
-                    f"{uri}: not a complete gzip file after line {number} ({e}); upload it again"
-                ) from e
-            number += 1
-            if digest is not None:
-                digest.update(line)
-            if line.endswith(b"\n"):
-                line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
-            yield number, line
+    given, attempt = 0, 0
+    while True:
+        try:
+            with _storage_errors(uri), _open_read(fs, path) as raw:
+                for number, line in _raw_lines(uri, raw):
+                    if number <= given:
+                        continue  # given before the stream broke
+                    given = number
+                    if digest is not None:
+                        digest.update(line)
+                    if line.endswith(b"\n"):
+                        line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
+                    yield number, line
+            return
+        except BadInput:
+            raise
+        except Retriable as err:
+            _back_off(uri, attempt, err)
+            attempt += 1
 
 
 def read_bytes(uri: str) -> bytes:
     """The whole object (for small files: manifests, configs)."""
     fs, path = _fs(uri)
-    with _storage_errors(uri):
-        return fs.cat_file(path)
+    return _retrying(uri, lambda: fs.cat_file(path))
 
 
 def read_text(uri: str) -> str:
@@ -236,42 +294,55 @@ def read_json(uri: str) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise BadInput(f"{uri}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from e
+    except RecursionError:
+        raise BadInput(f"{uri}: nested too deeply to be read; write a flatter JSON document") from None
 
 
 def exists(uri: str) -> bool:
     """True when the object or directory exists."""
     fs, path = _fs(uri)
-    with _storage_errors(uri):
+
+    def call() -> bool:
         fs.invalidate_cache(path)  # others (Orbax, other hosts) write behind gcsfs's listing cache
         return fs.exists(path)
+
+    return _retrying(uri, call)
 
 
 def size(uri: str) -> int:
     """Size in bytes of the object."""
     fs, path = _fs(uri)
-    with _storage_errors(uri):
-        return fs.size(path)
+    return _retrying(uri, lambda: fs.size(path))
 
 
 def sha256(uri: str) -> str:
     """Hex sha256 of the object's bytes, streamed."""
     fs, path = _fs(uri)
-    digest = hashlib.sha256()
-    with _storage_errors(uri), _open_read(fs, path) as stream:
-        while chunk := stream.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+
+    def call() -> str:
+        digest = hashlib.sha256()
+        with _open_read(fs, path) as stream:
+            while chunk := stream.read(_CHUNK):
+                digest.update(chunk)
+        return digest.hexdigest()
+
+    return _retrying(uri, call)
 
 
 def listdir(uri: str) -> list[str]:
     """Full URIs of the directory's entries, sorted; [] when it does not exist."""
     fs, path = _fs(uri)
-    with _storage_errors(uri):
+
+    def call() -> list[str]:
         fs.invalidate_cache(path)
         try:
-            entries = fs.ls(path, detail=False)
+            return fs.ls(path, detail=False)
         except FileNotFoundError:
             return []
+
+    entries = _retrying(uri, call)
+    if not entries:
+        return []
     own = path.rstrip("/")
     names = {posixpath.basename(e.rstrip("/")) for e in entries if e.rstrip("/") != own}
     return sorted(join(uri, name) for name in names)
@@ -280,11 +351,14 @@ def listdir(uri: str) -> list[str]:
 def remove(uri: str, recursive: bool = False) -> None:
     """Delete a file (or a tree with recursive=True); nothing happens when it is missing."""
     fs, path = _fs(uri)
-    with _storage_errors(uri):
+
+    def call() -> None:
         try:
             fs.rm(path, recursive=recursive)
         except FileNotFoundError:
             pass
+
+    _retrying(uri, call)
 
 
 # -------------------------------------------------------------------------------------- writes
@@ -311,8 +385,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         return
     # One object upload only becomes visible when complete, so it is atomic already.
     fs, path = _fs(uri)
-    with _storage_errors(uri):
-        fs.pipe_file(path, data)
+    _retrying(uri, lambda: fs.pipe_file(path, data))
 
 
 def write_text(uri: str, text: str) -> None:
@@ -342,21 +415,24 @@ def download(uri: str, local_dir: str) -> str:
     """Copy a file or directory tree into local_dir; returns local_dir/<its name>."""
     fs, path = _fs(uri)
     target = os.path.join(local_path(local_dir), basename(uri))
-    with _storage_errors(uri):
-        fs.invalidate_cache(path)
-        files = _tree(fs, path)
-        if files is None:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            fs.get_file(path, target)
-            return target
-        os.makedirs(target, exist_ok=True)
-        sources = [posixpath.join(path.rstrip("/"), f) for f in files]
-        targets = [os.path.join(target, *f.split("/")) for f in files]
-        for t in targets:
-            os.makedirs(os.path.dirname(t), exist_ok=True)
-        if sources:
-            fs.get(sources, targets)  # one call: gcsfs fetches the files concurrently
+    _retrying(uri, lambda: _download(fs, path, target))
     return target
+
+
+def _download(fs: fsspec.AbstractFileSystem, path: str, target: str) -> None:
+    fs.invalidate_cache(path)
+    files = _tree(fs, path)
+    if files is None:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fs.get_file(path, target)
+        return
+    os.makedirs(target, exist_ok=True)
+    sources = [posixpath.join(path.rstrip("/"), f) for f in files]
+    targets = [os.path.join(target, *f.split("/")) for f in files]
+    for t in targets:
+        os.makedirs(os.path.dirname(t), exist_ok=True)
+    if sources:
+        fs.get(sources, targets)  # one call: gcsfs fetches the files concurrently
 
 
 def _make_parents(fs: fsspec.AbstractFileSystem, paths: list[str]) -> None:
@@ -371,22 +447,24 @@ def upload(local: str, uri: str) -> None:
     """Copy a local file to the object `uri`, or a local directory tree to the prefix `uri`."""
     source = local_path(local)
     fs, path = _fs(uri)
-    with _storage_errors(uri):
-        if not os.path.isdir(source):
-            if not os.path.exists(source):
-                raise BadInput(f"{local}: not found")
-            _make_parents(fs, [path])
-            fs.put_file(source, path)
-            return
+    if not os.path.exists(source):
+        raise BadInput(f"{local}: not found")
+    if not os.path.isdir(source):
+        sources, targets = [source], [path]
+    else:
         sources, targets = [], []
         for root, _, names in os.walk(source):
             for name in sorted(names):
                 full = os.path.join(root, name)
                 sources.append(full)
                 targets.append(posixpath.join(path.rstrip("/"), os.path.relpath(full, source).replace(os.sep, "/")))
+
+    def call() -> None:
         _make_parents(fs, targets)
         if sources:
             fs.put(sources, targets)
+
+    _retrying(uri, call)
 
 
 def fetch_to_cache(uri: str, cache_root: str) -> str:

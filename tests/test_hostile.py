@@ -1,0 +1,241 @@
+"""Hostile and broken input, tried systematically through `tunix-job validate --all` (no training).
+
+Each row of CASES is one kind of bad input: a manifest, dataset or eval set made wrong in one way.
+Every one must end in one of three ways, never a traceback:
+- error: exit 2 and an error message that names the place (field path or file:line) and what is wrong;
+- reject: the run would go ahead; the bad record is rejected with a reason naming its line, and the
+  books balance (records read = would train on + held out + rejected);
+- accept: nothing is wrong (BOM, CRLF, blank lines are read as intended).
+
+The table is also the README's hostile-input table (scripts/reliability_table.py renders it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from job import cli
+
+REPO = Path(__file__).resolve().parent.parent
+GOOD_RECORDS = 20
+HOLDOUT = 2
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What one case may change before validate runs: the manifest, the dataset's lines, the eval set's lines."""
+
+    manifest: dict
+    data: list[bytes]
+    eval: list[bytes]
+    data_name: str = "data.jsonl"
+    raw_manifest: bytes | None = None  # written instead of the manifest dict
+    raw_data: bytes | None = None  # written instead of the dataset lines
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    kind: str  # short id
+    area: str  # manifest | dataset | eval set
+    what: str  # the input, in words
+    outcome: str  # error | reject | accept
+    says: str  # a piece of the error message or reject reason
+    change: Callable[[Inputs], None]
+    where: str = ""  # a piece naming the place (default: the data file's line, or the field in `says`)
+
+
+def _set(path: str, value) -> Callable[[Inputs], None]:
+    def change(i: Inputs) -> None:
+        node = i.manifest
+        *parents, last = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return change
+
+
+def _line(obj) -> Callable[[Inputs], None]:
+    raw = obj if isinstance(obj, bytes) else json.dumps(obj).encode("utf-8")
+    return lambda i: i.data.append(raw)
+
+
+def _trace(**fields) -> dict:
+    record = {"id": "hostile", "prompts": "What is 2 + 2?", "trace_steps": ["2 + 2 = 4"], "final_answer": "4"}
+    record.update(fields)
+    return {k: v for k, v in record.items() if v is not None}
+
+
+def _drop(section: str) -> Callable[[Inputs], None]:
+    return lambda i: i.manifest.pop(section)
+
+
+def _raw_manifest(raw: bytes) -> Callable[[Inputs], None]:
+    return lambda i: setattr(i, "raw_manifest", raw)
+
+
+def _raw_data(raw: bytes | Callable[[Inputs], bytes]) -> Callable[[Inputs], None]:
+    return lambda i: setattr(i, "raw_data", raw(i) if callable(raw) else raw)
+
+
+def _eval_lines(*lines: bytes) -> Callable[[Inputs], None]:
+    return lambda i: setattr(i, "eval", list(lines))
+
+
+def _truncated_gz(i: Inputs) -> None:
+    i.data_name = "data.jsonl.gz"
+    i.manifest["dataset"]["uri"] = "data.jsonl.gz"
+    whole = gzip.compress(b"".join(line + b"\n" for line in i.data))
+    i.raw_data = whole[: len(whole) // 2]
+
+
+def _messages(*messages) -> Callable[[Inputs], None]:
+    def change(i: Inputs) -> None:
+        i.manifest["dataset"]["format"] = "messages"
+        i.data = [json.dumps({"id": f"m{k}", "messages": [{"role": "user", "content": "Hi"},
+                                                          {"role": "model", "content": "Hello"}]}).encode()
+                  for k in range(GOOD_RECORDS)]
+        i.data.append(json.dumps({"id": "hostile", "messages": list(messages)}).encode())
+    return change
+
+
+def _reasoning_trace(steps) -> Callable[[Inputs], None]:
+    def change(i: Inputs) -> None:
+        i.manifest["dataset"]["format"] = "reasoning_trace"
+        good = [{"i": 0, "type": "reasoning", "content": "2 + 2 = 4"}]
+        i.data = [json.dumps({"trace_version": "1", "prompt": "What is 2 + 2?", "final_answer": "4", "steps": good,
+                              "meta": {"id": f"r{k}"}}).encode() for k in range(GOOD_RECORDS)]
+        i.data.append(json.dumps({"trace_version": "1", "prompt": "What is 2 + 2?", "final_answer": "4",
+                                  "steps": steps}).encode())
+    return change
+
+
+def _all_data(change_each: Callable[[bytes], bytes]) -> Callable[[Inputs], None]:
+    return lambda i: setattr(i, "data", [change_each(line) for line in i.data])
+
+
+CASES = [
+    # --- the manifest ------------------------------------------------------------------------------
+    Case("unknown-field", "manifest", "a misspelt field (`training.stpes`)", "error", "training.stpes: unknown field; did you mean training.steps", _set("training.stpes", 10)),
+    Case("unknown-section", "manifest", "an unknown top-level section", "error", "colour: unknown field", _set("colour", "red")),
+    Case("string-for-number", "manifest", 'a number written as a string (`"steps": "10"`)', "error", "training.steps: must be a whole number", _set("training.steps", "10")),
+    Case("bool-for-number", "manifest", "`true` where a number belongs", "error", "training.steps: must be a whole number", _set("training.steps", True)),
+    Case("number-for-string", "manifest", "a number where a URI belongs", "error", "dataset.uri: must be a string", _set("dataset.uri", 5)),
+    Case("negative-steps", "manifest", "negative steps", "error", "training.steps: too small", _set("training.steps", -5)),
+    Case("zero-steps", "manifest", "zero steps", "error", "training.steps: too small", _set("training.steps", 0)),
+    Case("absurd-steps", "manifest", "10^12 steps", "error", "training.steps: too large", _set("training.steps", 10**12)),
+    Case("absurd-batch", "manifest", "a batch of 10^9 examples", "error", "training.batch_size: too large", _set("training.batch_size", 10**9)),
+    Case("nan-learning-rate", "manifest", "`NaN` as the learning rate", "error", "training.learning_rate: not a finite number", _set("training.learning_rate", float("nan"))),
+    Case("warmup-beyond-steps", "manifest", "more warm-up steps than steps", "error", "training.warmup_steps: more than training.steps", _set("training.warmup_steps", 1000)),
+    Case("negative-seed", "manifest", "a negative seed", "error", "seed: too small", _set("seed", -1)),
+    Case("bad-enum", "manifest", "an unknown dataset format", "error", "dataset.format: not an allowed value", _set("dataset.format", "csv")),
+    Case("lora-rank-zero", "manifest", "LoRA rank 0", "error", "training.lora.rank: too small", _set("training.lora", {"rank": 0})),
+    Case("bad-regex", "manifest", "a LoRA module path that is not a regular expression", "error", "training.lora.module_path: not a regular expression", _set("training.lora", {"module_path": "(q_einsum"})),
+    Case("missing-section", "manifest", "no `dataset` section", "error", "dataset: required field is missing", _drop("dataset")),
+    Case("run-id-escapes", "manifest", "a `run_id` that climbs out of the output prefix (`../../etc`)", "error", "run_id: must be 1-100 letters", _set("run_id", "../../etc")),
+    Case("run-id-absolute", "manifest", "an absolute path as `run_id`", "error", "run_id: must be 1-100 letters", _set("run_id", "/tmp/x")),
+    Case("run-id-hidden", "manifest", "a `run_id` of `..`", "error", "run_id: must be 1-100 letters", _set("run_id", "..")),
+    Case("real-model-no-weights", "manifest", "a Gemma preset without weights", "error", "model.weights_uri: required for preset gemma3_1b_it", _set("model.preset", "gemma3_1b_it")),
+    Case("unsupported-scheme", "manifest", "a URI with an unknown scheme (`nosuch://`)", "error", "nosuch://bucket/data.jsonl: unsupported storage location", _set("dataset.uri", "nosuch://bucket/data.jsonl")),
+    Case("manifest-not-json", "manifest", "a manifest with a JSON syntax error", "error", "manifest.json:1:", _raw_manifest(b'{"schema_version": 1,,}')),
+    Case("manifest-array", "manifest", "a JSON array as the manifest", "error", "must be a JSON object", _raw_manifest(b"[1, 2]")),
+    Case("manifest-empty", "manifest", "an empty manifest file", "error", "manifest.json:1:1: not valid JSON", _raw_manifest(b"")),
+    Case("manifest-not-utf8", "manifest", "a manifest that is not UTF-8", "error", "manifest.json: not UTF-8 text", _raw_manifest(b'{"run_id": "\xff"}')),
+    Case("manifest-deep-nesting", "manifest", "a manifest nested 100,000 levels deep", "error", "manifest.json: nested too deeply", _raw_manifest(b"[" * 100_000 + b"]" * 100_000)),
+    Case("seq-len-nothing-fits", "manifest", "a `max_seq_len` no example fits", "error", "records rejected", _set("training.max_seq_len", 16), where="data.jsonl"),
+    Case("missing-dataset", "manifest", "a dataset URI that does not exist", "error", "nowhere.jsonl: not found", _set("dataset.uri", "nowhere.jsonl")),
+    # --- the dataset -------------------------------------------------------------------------------
+    Case("malformed-json", "dataset", "a line that is not JSON", "reject", "invalid JSON", _line(b'{"id": "x", "prompts": ')),
+    Case("json-array-line", "dataset", "a JSON array on a line", "reject", "a JSON array, not a JSONL object", _line([_trace()])),
+    Case("json-scalar-line", "dataset", "a bare string on a line", "reject", "a string, not a JSONL object", _line("hello")),
+    Case("invalid-utf8", "dataset", "invalid UTF-8 bytes in a line", "reject", "invalid UTF-8", _line(b'{"id": "\xff\xfe"}')),
+    Case("deep-nesting-line", "dataset", "a line nested 100,000 levels deep", "reject", "nested too deeply", _line(b"[" * 100_000 + b"]" * 100_000)),
+    Case("empty-answer", "dataset", "an empty final answer", "reject", "field 'final_answer' is empty", _line(_trace(final_answer=""))),
+    Case("blank-prompt", "dataset", "a prompt of spaces", "reject", "field 'prompts' is empty", _line(_trace(prompts="   "))),
+    Case("missing-field", "dataset", "a record without its answer", "reject", "missing field 'final_answer'", _line(_trace(final_answer=None))),
+    Case("wrong-field-type", "dataset", "steps as a string instead of a list", "reject", "field 'trace_steps' must be an array", _line(_trace(trace_steps="2 + 2 = 4"))),
+    Case("id-object", "dataset", "an object as the record id", "reject", "field 'id' must be a string", _line(_trace(id={"a": 1}))),
+    Case("marker-in-user-text", "dataset", "`<end_of_turn>` inside user text", "reject", "reserved marker '<end_of_turn>'", _line(_trace(prompts="Hi<end_of_turn>\nok"))),
+    Case("marker-in-answer", "dataset", "`<start_of_turn>` inside an answer", "reject", "reserved marker '<start_of_turn>'", _line(_trace(final_answer="4<start_of_turn>user"))),
+    Case("other-format-line", "dataset", "a line of another format in a trace file", "reject", "looks like format 'prompt_completion'", _line({"prompt": "a", "completion": "b"})),
+    Case("too-long", "dataset", "a record longer than `max_seq_len`", "reject", "longer than training.max_seq_len", _line(_trace(prompts="word " * 500))),
+    Case("huge-line", "dataset", "a 50 MB single line", "reject", "bytes long", _line(_trace(prompts="x" * 50_000_000))),
+    Case("unknown-role", "dataset", "a message role the template does not know (`tool`)", "reject", "unknown role 'tool'", _messages({"role": "tool", "content": "x"}, {"role": "model", "content": "y"}), where="data.jsonl:21"),
+    Case("roles-out-of-order", "dataset", "two user messages in a row", "reject", "must alternate user, model", _messages({"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "model", "content": "c"})),
+    Case("duplicate-step-index", "dataset", "duplicate step indices in a ReasoningTrace", "reject", "i=0 appears more than once", _reasoning_trace([{"i": 0, "type": "r", "content": "a"}, {"i": 0, "type": "r", "content": "b"}])),
+    Case("zero-steps-trace", "dataset", "a ReasoningTrace with no steps", "reject", "has 0 steps", _reasoning_trace([])),
+    Case("negative-step-index", "dataset", "a negative step index", "reject", "step indices must be >= 0", _reasoning_trace([{"i": -1, "type": "r", "content": "a"}])),
+    Case("bom", "dataset", "a UTF-8 byte-order mark", "accept", "", lambda i: i.data.__setitem__(0, b"\xef\xbb\xbf" + i.data[0])),
+    Case("crlf", "dataset", "Windows (CRLF) line ends", "accept", "", _all_data(lambda line: line + b"\r")),
+    Case("blank-lines", "dataset", "blank lines between records", "accept", "", lambda i: i.data.insert(3, b"   ")),
+    Case("truncated-gz", "dataset", "a truncated .gz file", "error", "not a complete gzip file", _truncated_gz, where="data.jsonl.gz"),
+    Case("empty-dataset", "dataset", "an empty dataset file", "error", "no records left to train on", _raw_data(b""), where="data.jsonl"),
+    Case("whole-file-array", "dataset", "a JSON array instead of JSONL", "error", "records rejected", _raw_data(lambda i: json.dumps([json.loads(x) for x in i.data], indent=1).encode()), where="data.jsonl"),
+    Case("all-rejected", "dataset", "more rejects than `dataset.max_reject_fraction` allows", "error", "dataset.max_reject_fraction", _all_data(lambda line: line[:-3])),
+    # --- the eval set ------------------------------------------------------------------------------
+    Case("empty-eval", "eval set", "an eval set with no items", "error", "eval.jsonl has no eval items", _eval_lines()),
+    Case("eval-bad-line", "eval set", "a malformed eval line", "error", "eval.jsonl:2: invalid JSON", _eval_lines(b'{"id": "a", "prompt": "p", "expected_answer": "1"}', b"{oops")),
+    Case("eval-duplicate-id", "eval set", "duplicate eval ids", "error", "duplicate eval item id 'a'", _eval_lines(b'{"id": "a", "prompt": "p", "expected_answer": "1"}', b'{"id": "a", "prompt": "q", "expected_answer": "2"}')),
+    Case("eval-marker", "eval set", "a turn marker in an eval prompt", "error", "reserved marker", _eval_lines(b'{"id": "a", "prompt": "p<end_of_turn>", "expected_answer": "1"}')),
+]
+
+
+def _base(tmp_path: Path) -> Inputs:
+    with open(REPO / "manifests" / "local_tiny.json", encoding="utf-8") as f:
+        manifest = json.load(f)
+    manifest["dataset"].update(uri="data.jsonl", holdout=HOLDOUT, max_reject_fraction=0.5)
+    manifest["eval"]["uri"] = "eval.jsonl"
+    manifest["output"]["uri"] = "runs"
+    with open(REPO / "datasets" / "arith_train.jsonl", "rb") as f:
+        data = [next(f).rstrip(b"\n") for _ in range(GOOD_RECORDS)]
+    with open(REPO / "evalsets" / "arith_eval.jsonl", "rb") as f:
+        evals = [next(f).rstrip(b"\n") for _ in range(3)]
+    return Inputs(manifest, data, evals)
+
+
+def _write(tmp_path: Path, i: Inputs) -> str:
+    manifest = tmp_path / "manifest.json"
+    manifest.write_bytes(i.raw_manifest if i.raw_manifest is not None else json.dumps(i.manifest).encode())
+    (tmp_path / i.data_name).write_bytes(i.raw_data if i.raw_data is not None else b"".join(x + b"\n" for x in i.data))
+    (tmp_path / "eval.jsonl").write_bytes(b"".join(x + b"\n" for x in i.eval))
+    return str(manifest)
+
+
+def test_the_table_is_big_enough():
+    assert len({c.kind for c in CASES}) == len(CASES) >= 30
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.kind for c in CASES])
+def test_hostile_input(case: Case, tmp_path, capsys):
+    inputs = _base(tmp_path)
+    case.change(inputs)
+    manifest = _write(tmp_path, inputs)
+    code = cli.main(["validate", "--manifest", manifest, "--all"])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err and "unexpected error" not in err, err[-3000:]
+    records = [json.loads(line) for line in err.splitlines() if line.strip()]
+    messages = "\n".join(r["message"] for r in records if r["severity"] == "ERROR")
+    if case.outcome == "error":
+        assert code == 2, (out, err[-3000:])
+        assert case.says in messages, messages
+        assert case.where in messages, messages
+        assert not os.path.exists(tmp_path / "runs"), "validate writes nothing"
+        return
+    assert code == 0, messages
+    report = json.loads(out)
+    assert report["records_read"] == report["would_train_on"] + report["held_out"] + report["rejected"]
+    if case.outcome == "accept":
+        assert report["rejected"] == 0, report["first_rejects"]
+        assert report["records_read"] == GOOD_RECORDS
+        return
+    assert report["rejected"] == 1, report["first_rejects"]
+    assert report["records_read"] == GOOD_RECORDS + 1
+    (reject,) = report["first_rejects"]
+    where = case.where or f"{inputs.data_name}:{GOOD_RECORDS + 1}:"
+    assert where in reject and case.says in reject, reject
