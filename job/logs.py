@@ -3,13 +3,51 @@
 On a terminal: short human lines. Elsewhere (a container, a Kubernetes pod): one JSON object per
 line with a `severity` field, which Cloud Logging parses into structured entries. Everything goes
 to stderr so that stdout stays free for command output (render, score, schema).
+
+Nothing secret is logged: `redact` removes the password part of URIs (`user:pass@`), the values of
+signed-URL and token query parameters (`X-Goog-Signature`, `X-Amz-Signature`, `token`, ...) and the
+value of any environment variable whose name says it is secret (`*TOKEN*`, `*SECRET*`, `*KEY*`,
+`*PASSWORD*`, `*CREDENTIAL*`, ...) wherever it appears. The run's status.json and
+run_manifest.json go through it too.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
+import re
 import sys
+from typing import Any
+
+REDACTED = "REDACTED"
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/?#@\s\"']+)@")
+_SECRET_PARAMS = re.compile(
+    r"(?P<key>[?&;](?:x-goog-signature|x-goog-credential|x-amz-signature|x-amz-credential|x-amz-security-token"
+    r"|signature|sig|token|access_token|id_token|refresh_token|api_key|apikey|key|password|passwd|secret"
+    r"|client_secret|code|auth)=)(?P<value>[^&#\s\"']*)", re.IGNORECASE)
+_SECRET_ENV_NAME = re.compile(r"TOKEN|SECRET|PASSW|PWD|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE|SIGNATURE|AUTH", re.I)
+_MIN_SECRET_LEN = 8  # shorter values ("1", "true", "dummy") would redact ordinary words
+
+
+def _secret_env_values() -> list[str]:
+    values = {v for k, v in os.environ.items() if _SECRET_ENV_NAME.search(k) and len(v) >= _MIN_SECRET_LEN}
+    return sorted(values, key=len, reverse=True)
+
+
+def redact(value: Any) -> Any:
+    """`value` (a string, or lists/dicts of them) with credentials replaced by REDACTED."""
+    if isinstance(value, str):
+        text = _USERINFO.sub(lambda m: f"{m['scheme']}{REDACTED}@", value)
+        text = _SECRET_PARAMS.sub(lambda m: f"{m['key']}{REDACTED}", text)
+        for secret in _secret_env_values():
+            text = text.replace(secret, REDACTED)
+        return text
+    if isinstance(value, dict):
+        return {k: redact(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v) for v in value]
+    return value
 
 
 def _now() -> str:
@@ -18,12 +56,14 @@ def _now() -> str:
 
 def log(message: str, severity: str = "INFO", **fields) -> None:
     stream = sys.stderr
+    message, fields = redact(message), {k: redact(v) if isinstance(v, (str, list, dict)) else v
+                                        for k, v in fields.items()}
     if stream.isatty():
         extra = " ".join(f"{k}={_short(v)}" for k, v in fields.items())
-        print(f"{severity[0]} {message}" + (f"  {extra}" if extra else ""), file=stream, flush=True)
+        print(redact(f"{severity[0]} {message}" + (f"  {extra}" if extra else "")), file=stream, flush=True)
     else:
         record = {"severity": severity, "message": message, "time": _now(), **fields}
-        print(json.dumps(record, default=str), file=stream, flush=True)
+        print(redact(json.dumps(record, default=str)), file=stream, flush=True)
 
 
 def _short(value) -> str:
