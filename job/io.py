@@ -6,7 +6,8 @@ own errors: a missing or forbidden object is BadInput (naming the URI and the fi
 anything else that goes wrong talking to storage (connection refused or reset, timeouts, 429/5xx
 after the client's own retries) is retried here too, `TUNIX_JOB_IO_RETRIES` times (default 4) with
 exponential backoff from `TUNIX_JOB_IO_BACKOFF_S` seconds (default 2: 2, 4, 8, 16 s), and is
-Retriable when it lasts. A stream that breaks mid-file is reopened and continues after the last
+Retriable when it lasts. gcsfs itself retries a dead connection for ~34 s before giving up;
+`TUNIX_JOB_IO_TIMEOUT_S` (unset by default) bounds each call instead. A stream that breaks mid-file is reopened and continues after the last
 line it gave.
 """
 
@@ -19,6 +20,7 @@ import os
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import contextlib
+import contextvars
 import gzip
 import hashlib
 import json
@@ -33,6 +35,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import fsspec
+import fsspec.asyn
 
 from job import logs
 from job.errors import BadInput, JobError, Retriable
@@ -165,9 +168,37 @@ def retry_settings() -> tuple[int, float]:
     return max(0, retries), max(0.0, backoff)
 
 
+def _deadline(fs: fsspec.AbstractFileSystem) -> dict:
+    """{"timeout": seconds} for one call of an async filesystem (gcsfs, s3fs) when TUNIX_JOB_IO_TIMEOUT_S
+    is set: the call then fails (and is retried) instead of waiting out the client's own retries."""
+    raw = os.environ.get("TUNIX_JOB_IO_TIMEOUT_S")
+    if not raw or not isinstance(fs, fsspec.asyn.AsyncFileSystem):
+        return {}
+    try:
+        return {"timeout": float(raw)}
+    except ValueError:
+        raise BadInput(f"TUNIX_JOB_IO_TIMEOUT_S={raw!r}: not a number of seconds") from None
+
+
+_SINGLE_ATTEMPT = contextvars.ContextVar("single_attempt", default=False)
+
+
+@contextlib.contextmanager
+def single_attempt() -> Iterator[None]:
+    """Storage calls inside make one attempt (still with the client's own retries): for best-effort
+    writes after a failure, when the storage may be what failed."""
+    token = _SINGLE_ATTEMPT.set(True)
+    try:
+        yield
+    finally:
+        _SINGLE_ATTEMPT.reset(token)
+
+
 def _back_off(uri: str, attempt: int, err: Retriable) -> None:
     """Log and wait before retry number `attempt + 1`; re-raise when the retries are spent."""
     retries, backoff = retry_settings()
+    if _SINGLE_ATTEMPT.get():
+        raise err
     if attempt >= retries:
         if retries:
             raise Retriable(f"{err} (gave up after {retries + 1} attempts)") from err.__cause__
@@ -275,7 +306,7 @@ def iter_lines(uri: str, digest: Any = None) -> Iterator[tuple[int, bytes]]:
 def read_bytes(uri: str) -> bytes:
     """The whole object (for small files: manifests, configs)."""
     fs, path = _fs(uri)
-    return _retrying(uri, lambda: fs.cat_file(path))
+    return _retrying(uri, lambda: fs.cat_file(path, **_deadline(fs)))
 
 
 def read_text(uri: str) -> str:
@@ -304,7 +335,7 @@ def exists(uri: str) -> bool:
 
     def call() -> bool:
         fs.invalidate_cache(path)  # others (Orbax, other hosts) write behind gcsfs's listing cache
-        return fs.exists(path)
+        return fs.exists(path, **_deadline(fs))
 
     return _retrying(uri, call)
 
@@ -312,7 +343,7 @@ def exists(uri: str) -> bool:
 def size(uri: str) -> int:
     """Size in bytes of the object."""
     fs, path = _fs(uri)
-    return _retrying(uri, lambda: fs.size(path))
+    return _retrying(uri, lambda: fs.size(path, **_deadline(fs)))
 
 
 def sha256(uri: str) -> str:
@@ -336,7 +367,7 @@ def listdir(uri: str) -> list[str]:
     def call() -> list[str]:
         fs.invalidate_cache(path)
         try:
-            return fs.ls(path, detail=False)
+            return fs.ls(path, detail=False, **_deadline(fs))
         except FileNotFoundError:
             return []
 
@@ -354,7 +385,7 @@ def remove(uri: str, recursive: bool = False) -> None:
 
     def call() -> None:
         try:
-            fs.rm(path, recursive=recursive)
+            fs.rm(path, recursive=recursive, **_deadline(fs))
         except FileNotFoundError:
             pass
 
@@ -385,7 +416,7 @@ def write_bytes(uri: str, data: bytes) -> None:
         return
     # One object upload only becomes visible when complete, so it is atomic already.
     fs, path = _fs(uri)
-    _retrying(uri, lambda: fs.pipe_file(path, data))
+    _retrying(uri, lambda: fs.pipe_file(path, data, **_deadline(fs)))
 
 
 def write_text(uri: str, text: str) -> None:
@@ -403,12 +434,12 @@ def write_json(uri: str, obj: Any) -> None:
 
 def _tree(fs: fsspec.AbstractFileSystem, path: str) -> list[str] | None:
     """Relative paths of every file under a directory, or None when `path` is a file."""
-    if not fs.isdir(path):
-        if not fs.exists(path):
+    if not fs.isdir(path, **_deadline(fs)):
+        if not fs.exists(path, **_deadline(fs)):
             raise FileNotFoundError(path)
         return None
     root = path.rstrip("/")
-    return sorted(posixpath.relpath(f, root) for f in fs.find(root))
+    return sorted(posixpath.relpath(f, root) for f in fs.find(root, **_deadline(fs)))
 
 
 def download(uri: str, local_dir: str) -> str:
@@ -424,7 +455,7 @@ def _download(fs: fsspec.AbstractFileSystem, path: str, target: str) -> None:
     files = _tree(fs, path)
     if files is None:
         os.makedirs(os.path.dirname(target), exist_ok=True)
-        fs.get_file(path, target)
+        fs.get_file(path, target, **_deadline(fs))
         return
     os.makedirs(target, exist_ok=True)
     sources = [posixpath.join(path.rstrip("/"), f) for f in files]
@@ -432,7 +463,7 @@ def _download(fs: fsspec.AbstractFileSystem, path: str, target: str) -> None:
     for t in targets:
         os.makedirs(os.path.dirname(t), exist_ok=True)
     if sources:
-        fs.get(sources, targets)  # one call: gcsfs fetches the files concurrently
+        fs.get(sources, targets, **_deadline(fs))  # one call: gcsfs fetches the files concurrently
 
 
 def _make_parents(fs: fsspec.AbstractFileSystem, paths: list[str]) -> None:
@@ -462,7 +493,7 @@ def upload(local: str, uri: str) -> None:
     def call() -> None:
         _make_parents(fs, targets)
         if sources:
-            fs.put(sources, targets)
+            fs.put(sources, targets, **_deadline(fs))
 
     _retrying(uri, call)
 

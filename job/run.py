@@ -30,6 +30,7 @@ from job.dataset import DataCounts, eval_batches, scan, training_batches
 from job.errors import BadInput, JobError, Retriable
 from job.evaluate import Decoder, EvalRun, evaluate
 from job.formats import read_eval_items
+from job.lease import LEASE_FILE, Lease
 from job.manifest import Manifest, derive_run_id, load_manifest, run_dir
 from job.model import build_model, parameter_count, save_final
 from job.report import build_delta_report, plot_loss_curve, render_markdown
@@ -70,7 +71,7 @@ class Status:
 
     def set(self, **fields) -> None:
         self.fields.update(fields, updated_at=utc_now())
-        io.write_json(self.uri, self.fields)
+        io.write_json(self.uri, logs.redact(self.fields))
 
 
 class Metrics:
@@ -110,13 +111,26 @@ def run_job(manifest_uri: str, overrides: list[str] = (), fresh: bool = False) -
     m = load_manifest(manifest_uri, overrides)
     run_id = derive_run_id(m)
     run_uri = run_dir(m, run_id)
-    if fresh and io.exists(run_uri):
-        logs.warning("fresh run requested: removing the previous run directory", run_dir=run_uri)
-        io.remove(run_uri, recursive=True)
+    if not fresh and _succeeded(run_uri):
+        return 0
+    # Nothing is written (not even --fresh's removal) before this process holds the run's lease.
+    run = Run(m, run_id, run_uri, manifest_uri)
+    with Lease(run_uri, on_lost=run.lose_lease):
+        if fresh:
+            logs.warning("fresh run requested: removing the previous run directory", run_dir=run_uri)
+            for child in io.listdir(run_uri):
+                if io.basename(child) != LEASE_FILE:
+                    io.remove(child, recursive=True)
+        elif _succeeded(run_uri):  # another process finished it while this one waited for the lease
+            return 0
+        return run.execute()
+
+
+def _succeeded(run_uri: str) -> bool:
     if io.exists(io.join(run_uri, outputs.SUCCESS_FILE)):
         logs.info("this run already succeeded; nothing to do (pass --fresh to run it again)", run_dir=run_uri)
-        return 0
-    return Run(m, run_id, run_uri, manifest_uri).execute()
+        return True
+    return False
 
 
 class Run:
@@ -128,6 +142,7 @@ class Run:
         # catch broad exceptions and would swallow it. Training stops after its current step; other
         # phases stop at the next phase boundary.
         self.stop = threading.Event()
+        self.stop_reason = "SIGTERM"
         self.resumed_from = 0
         self.record: dict = {}
 
@@ -189,7 +204,7 @@ class Run:
             holdout_batches = eval_batches(m, held_out)
             trainer = Trainer(built.model, m.training, self.path("checkpoints"), tb_dir,
                               self._on_step, self._on_eval, len(holdout_batches), self.stop,
-                              on_checkpoint=lambda step: self.metrics.flush())
+                              on_checkpoint=self._on_checkpoint)
             self.resumed_from = trainer.restored_step
             self.metrics.resume_from(self.resumed_from)
             if self.resumed_from:
@@ -199,13 +214,14 @@ class Run:
             io.upload(tb_dir, self.path("tensorboard"))
         if result.stopped_early:
             self.status.set(step=result.end_step)
-            raise Preempted(f"stopped at step {result.end_step} of {m.training.steps} on SIGTERM; "
+            raise Preempted(f"stopped at step {result.end_step} of {m.training.steps} on {self.stop_reason}; "
                             "the checkpoint is saved: run the same manifest again to resume")
         self.record["training"] = {"resumed_from_step": result.start_step, "steps": result.end_step}
 
         self.status.set(state="evaluating", phase="after", step=result.end_step)
         after = self._evaluate(decoder, items, "after")
         self._stop_if_asked()
+        logs.info("writing outputs", run_dir=self.run_uri)
         save_final(built, self.path("final"), m.model, m.training.lora, tokenizer.processor.serialized_model_proto())
         self._write_outputs(before, after, counts)
 
@@ -222,9 +238,10 @@ class Run:
 
     def _validate_data(self, tokenizer) -> tuple[DataCounts, list]:
         m = self.m
+        logs.info("scanning the dataset", uri=m.dataset.uri)
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as rejects:
             def on_reject(r):
-                rejects.write(json.dumps({"uri": r.uri, "line": r.line, "reason": r.reason, "raw": r.raw}) + "\n")
+                rejects.write(json.dumps({"uri": logs.redact(r.uri), "line": r.line, "reason": r.reason, "raw": r.raw}) + "\n")
             counts, held_out = scan(m, tokenizer, on_reject)
         try:
             io.upload(rejects.name, self.path("rejects.jsonl"))
@@ -243,6 +260,7 @@ class Run:
         return counts, held_out
 
     def _evaluate(self, decoder: Decoder, items, phase: str) -> EvalRun:
+        logs.info(f"eval {phase} starting", items=len(items))
         run = evaluate(decoder, items, self.m.template)
         n = len(run.results)
         logs.info(f"eval {phase}", n=n,
@@ -261,6 +279,11 @@ class Run:
             self.status.set(step=report.step, last_loss=report.loss)
         if report.step % spec.log_every_steps == 0:
             self.metrics.flush()
+
+    def _on_checkpoint(self, step: int) -> None:
+        # Before the save: the metrics a resumed run keeps reach storage first.
+        self.metrics.flush()
+        logs.info("saving checkpoint", step=step)
 
     def _on_eval(self, step: int, eval_loss: float) -> None:
         every = self.m.training.eval_every_steps or self.m.training.steps + 1
@@ -282,7 +305,7 @@ class Run:
                   "stop_tokens": ["<end_of_turn>", "<eos>"],
                   "tokens_per_s": {"before": round(before.tokens_per_s, 1), "after": round(after.tokens_per_s, 1)}}
         data = counts.as_dict()
-        report = build_delta_report(before.results, after.results, run_id=self.run_id, eval_uri=m.eval.uri,
+        report = build_delta_report(before.results, after.results, run_id=self.run_id, eval_uri=logs.redact(m.eval.uri),
                                     eval_sha256=self.record["eval_sha256"], decode=decode,
                                     losses=self.metrics.losses, data_counts=data)
         with tempfile.TemporaryDirectory() as tmp:
@@ -304,16 +327,22 @@ class Run:
                   flexible_before=report["before"]["flexible_accuracy"], flexible_after=report["after"]["flexible_accuracy"])
 
     def _write_record(self) -> None:
-        io.write_json(self.path("run_manifest.json"), self.record)
+        io.write_json(self.path("run_manifest.json"), logs.redact(self.record))
 
     def _safe_status(self, **fields) -> None:
-        """Best effort: the failure itself may be the storage."""
-        with contextlib.suppress(Exception):
-            self.status.set(**fields)
-        if self.record:
+        """Best effort, one attempt each: the failure itself may be the storage."""
+        with io.single_attempt():
             with contextlib.suppress(Exception):
-                self.record["ended_at"] = utc_now()
-                self._write_record()
+                self.status.set(**fields)
+            if self.record:
+                with contextlib.suppress(Exception):
+                    self.record["ended_at"] = utc_now()
+                    self._write_record()
+
+    def lose_lease(self, reason: str) -> None:
+        """Another process owns the run directory now: stop like on SIGTERM, at the next boundary."""
+        self.stop_reason = f"losing the run's lease ({reason})"
+        self.stop.set()
 
     def _on_sigterm(self, signum, frame) -> None:
         logs.warning("SIGTERM: stopping (during training: after the current step, with a checkpoint)")
@@ -321,7 +350,7 @@ class Run:
 
     def _stop_if_asked(self) -> None:
         if self.stop.is_set():
-            raise Preempted("stopped by SIGTERM; run the same manifest again to resume")
+            raise Preempted(f"stopped by {self.stop_reason}; run the same manifest again to resume")
 
 
 def _trainable_kind(m: Manifest):

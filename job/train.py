@@ -162,7 +162,9 @@ class Trainer:
 
     def train(self, train_batches: Iterable[Batch], eval_batches: list[Batch]) -> TrainResult:
         start = self.trainer.train_steps
-        if start < self.spec.steps:
+        if start < self.spec.steps or eval_batches:
+            # Even with every step done (a run killed after its last checkpoint), Tunix's train()
+            # evaluates the restored model first: the final eval loss is measured again, not lost.
             self.trainer.train(train_batches, eval_batches or None)
         else:
             self.trainer.close()

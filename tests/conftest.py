@@ -64,3 +64,17 @@ def gcs_bucket(gcs_server) -> Iterator[str]:
         fs = gcsfs.GCSFileSystem(token="anon")
         fs.rm(name, recursive=True)
         gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory) -> str:
+    """The run directory of one uninterrupted end-to-end run of the small test configuration (test_run.SMALL),
+    which the interrupted, resumed and relocated runs of several test modules must reproduce bit for bit."""
+    from test_run import DEMO, run_job
+
+    from job.errors import EXIT_OK
+
+    out = tmp_path_factory.mktemp("baseline")
+    done = run_job(str(DEMO), f"output.uri={out}", "run_id=base")
+    assert done.returncode == EXIT_OK, done.stderr[-3000:]
+    return str(out / "base")

@@ -109,14 +109,6 @@ def same_result(a: dict, b: dict) -> None:
         assert value.tobytes() == b["final_params"][name].tobytes(), name
 
 
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory) -> str:
-    out = tmp_path_factory.mktemp("baseline")
-    done = run_job(str(DEMO), f"output.uri={out}", "run_id=base")
-    assert done.returncode == EXIT_OK, done.stderr[-3000:]
-    return str(out / "base")
-
-
 def test_run_directory_is_complete(baseline):
     for name in ARTIFACTS:
         assert io.exists(io.join(baseline, name)), name
@@ -193,35 +185,6 @@ def test_same_run_from_and_to_a_bucket_is_bit_identical(baseline, gcs_bucket):
     same_result(outcome(baseline), outcome(run_uri))
 
 
-def test_sigterm_saves_a_checkpoint_and_the_rerun_ends_identically(baseline, tmp_path):
-    run_uri = str(tmp_path / "base")
-    terminate_in_state(tmp_path, run_uri, "training")
-    status = state_of(run_uri)
-    assert status["state"] == "preempted" and status["step"] < 8
-    assert io.listdir(io.join(run_uri, "checkpoints"))
-    assert not io.exists(io.join(run_uri, "_SUCCESS"))
-
-    done = run_job(str(DEMO), f"output.uri={tmp_path}", "run_id=base")
-    assert done.returncode == EXIT_OK, done.stderr[-3000:]
-    assert "resuming from checkpoint" in done.stderr
-    same_result(outcome(baseline), outcome(run_uri))
-
-
-def test_sigkill_mid_training_and_the_rerun_ends_identically(baseline, tmp_path):
-    run_uri = str(tmp_path / "base")
-    proc = start_job(str(DEMO), f"output.uri={tmp_path}", "run_id=base")
-    checkpoints = tmp_path / "base" / "checkpoints"
-    wait_for(lambda: checkpoints.exists() and any(p.name.isdigit() and int(p.name) >= 2 for p in checkpoints.iterdir()),
-             what="a checkpoint at step 2")
-    proc.kill()
-    proc.communicate(timeout=60)
-    assert not io.exists(io.join(run_uri, "_SUCCESS"))
-
-    done = run_job(str(DEMO), f"output.uri={tmp_path}", "run_id=base")
-    assert done.returncode == EXIT_OK, done.stderr[-3000:]
-    same_result(outcome(baseline), outcome(run_uri))
-
-
 def regenerate(final_uri: str, preset_dtype: str, items: int) -> list[str]:
     """Load a run's final/ as model.weights_uri and greedily decode the eval prompts again."""
     from job.evaluate import Decoder, evaluate
@@ -256,12 +219,3 @@ def test_lora_run_with_gradient_accumulation_saves_an_adapter_that_reproduces_it
     assert record["parameters"]["trainable"] < record["parameters"]["total"] / 10  # only the adapters train
     generations = [json.loads(x)["meta"]["raw_output"] for x in io.read_text(f"{run_uri}/eval_after.jsonl").splitlines()]
     assert regenerate(f"{run_uri}/final", "float32", 6) == generations
-
-
-def test_sigterm_before_training_is_retriable_and_leaves_no_success(tmp_path):
-    run_uri = str(tmp_path / "base")
-    stderr = terminate_in_state(tmp_path, run_uri, "evaluating")
-    assert state_of(run_uri)["state"] == "preempted"
-    assert "SIGTERM" in state_of(run_uri)["error"]
-    assert not io.exists(io.join(run_uri, "_SUCCESS"))
-    assert '"severity": "ERROR"' in stderr and "Traceback" not in stderr  # a clear message, no stack dump
