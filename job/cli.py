@@ -162,6 +162,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    logs.capture_library_logs()
     try:
         return args.func(args)
     except JobError as err:

@@ -163,11 +163,18 @@ class _GcsLease:
         except (self.errors.Forbidden, self.errors.Unauthorized) as e:
             raise BadInput(f"{self.lease.uri}: cannot {what}: permission denied ({e.message}); grant the job's "
                            "service account roles/storage.objectAdmin on the output bucket") from e
+        except self.errors.PreconditionFailed:
+            raise
+        except (self.errors.GoogleAPICallError, self.errors.RetryError, OSError) as e:
+            raise Retriable(f"{self.lease.uri}: cannot {what}: storage error after retries "
+                            f"({type(e).__name__}: {e}); run the job again") from e
 
-    def _write(self, generation: int) -> None:
+    def _write(self, generation: int, renewal: bool = False) -> None:
         started = time.monotonic()
         body = json.dumps(self.lease.info)
-        self.blob.upload_from_string(body, content_type="application/json", if_generation_match=generation)
+        # A renewal makes one bounded try: the renewal loop is the retry, and must notice expiry in time.
+        bounds = {"retry": None, "timeout": max(1.0, self.lease.ttl / 3)} if renewal else {}
+        self.blob.upload_from_string(body, content_type="application/json", if_generation_match=generation, **bounds)
         self.generation = self.blob.generation
         self.expires = started + self.lease.ttl
 
@@ -225,7 +232,7 @@ class _GcsLease:
     def _renew(self) -> None:
         while not self.stopping.wait(self.lease.ttl / 3):
             try:
-                self._write(self.generation)
+                self._write(self.generation, renewal=True)
             except self.errors.PreconditionFailed:
                 self._lost("another process took the lease over (this process did not renew it in time)")
                 return
@@ -246,7 +253,8 @@ class _GcsLease:
             self.renewer.join(timeout=30)
         if self.generation is not None:
             try:
-                self.blob.delete(if_generation_match=self.generation)
+                # One short try: a lease left behind expires by itself, and the storage may be what failed.
+                self.blob.delete(if_generation_match=self.generation, retry=None, timeout=5)
             except Exception as e:  # it expires by itself
                 logs.warning("could not delete the lease; it will expire", lease=self.lease.uri, error=str(e))
             self.generation = None

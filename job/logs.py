@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import re
 import sys
@@ -82,3 +83,27 @@ def warning(message: str, **fields) -> None:
 
 def error(message: str, **fields) -> None:
     log(message, "ERROR", **fields)
+
+
+class _LibraryHandler(logging.Handler):
+    """Library log records (gcsfs, asyncio, Orbax, absl...) as this module's lines: redacted, and an
+    exception as one `error` field rather than a multi-line traceback."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a library's malformed format arguments
+            message = str(record.msg)
+        fields = {"logger": record.name}
+        if record.exc_info and record.exc_info[1] is not None:
+            fields["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
+        severity = {"CRITICAL": "CRITICAL", "ERROR": "ERROR", "WARNING": "WARNING"}.get(record.levelname, "INFO")
+        log(message, severity, **fields)
+
+
+def capture_library_logs(level: int = logging.WARNING) -> None:
+    """Route Python logging (which libraries use) through `log`, at `level` and above."""
+    root = logging.getLogger()
+    if not any(isinstance(h, _LibraryHandler) for h in root.handlers):
+        root.addHandler(_LibraryHandler())
+    root.setLevel(level)

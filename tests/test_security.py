@@ -73,3 +73,17 @@ def test_nothing_read_is_executed_or_unpickled():
     hits = [f"{p.name}:{n}: {line.strip()}" for p in sorted((REPO / "job").rglob("*.py"))
             for n, line in enumerate(p.read_text().splitlines(), 1) if forbidden.search(line)]
     assert hits == []
+
+
+def test_library_log_records_are_redacted_and_carry_no_traceback(capsys):
+    import logging
+
+    logs.capture_library_logs()
+    try:
+        raise ConnectionError("https://u:hunter2pass@host/o?X-Goog-Signature=deadbeefsignature refused")
+    except ConnectionError:
+        logging.getLogger("gcsfs").exception("upload out of retries")
+    (line,) = [json.loads(x) for x in capsys.readouterr().err.splitlines() if "out of retries" in x]
+    assert line["severity"] == "ERROR" and line["logger"] == "gcsfs"
+    assert line["error"].startswith("ConnectionError: https://REDACTED@host")
+    assert "Traceback" not in json.dumps(line) and "hunter2pass" not in json.dumps(line)
