@@ -239,3 +239,74 @@ def test_hostile_input(case: Case, tmp_path, capsys):
     (reject,) = report["first_rejects"]
     where = case.where or f"{inputs.data_name}:{GOOD_RECORDS + 1}:"
     assert where in reject and case.says in reject, reject
+
+
+def test_readme_reliability_tables_are_rendered_from_these_tests():
+    import subprocess
+    import sys
+
+    check = subprocess.run([sys.executable, str(REPO / "scripts" / "reliability_table.py"), "--check"],
+                           capture_output=True, text=True, cwd=REPO)
+    assert check.returncode == 0, check.stderr
+
+
+# --------------------------------------------------------------------------------- properties
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from job.errors import BadInput  # noqa: E402
+from job.formats import FORMATS, Example, Reject, parse_eval_lines, parse_lines  # noqa: E402
+from job.manifest import Manifest, parse_manifest  # noqa: E402
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+                    max_leaves=12)
+KEYS = st.sampled_from(["id", "prompts", "trace_steps", "final_answer", "prompt", "response", "completion",
+                        "messages", "steps", "trace_version", "meta", "role", "content", "i", "type"])
+RECORD = st.dictionaries(KEYS, JSON | st.text(max_size=30), max_size=6)
+LINE = st.one_of(st.binary(max_size=80), RECORD.map(lambda r: json.dumps(r).encode()))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(LINE.filter(lambda b: b"\n" not in b), max_size=12), st.sampled_from(FORMATS))
+def test_every_nonblank_line_becomes_exactly_one_example_or_reject(lines, fmt):
+    numbered = list(enumerate(lines, 1))
+    out = list(parse_lines(numbered, "data.jsonl", fmt))
+    records = [n for n, b in numbered if b.replace(b"\xef\xbb\xbf", b"", 1 if n == 1 else 0).strip()]
+    assert [o.line for o in out] == records
+    for o in out:
+        assert isinstance(o, (Example, Reject))
+        if isinstance(o, Reject):
+            assert o.reason and o.uri == "data.jsonl"
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(LINE.filter(lambda b: b"\n" not in b), max_size=8))
+def test_eval_lines_give_items_or_a_bad_input_naming_the_file(lines):
+    try:
+        items = parse_eval_lines(list(enumerate(lines, 1)), "eval.jsonl")
+    except BadInput as e:
+        assert "eval.jsonl" in str(e)
+    else:
+        assert items and len({i.id for i in items}) == len(items)
+
+
+MANIFEST_FIELDS = ["run_id", "seed", "dataset.uri", "dataset.limit", "dataset.holdout", "dataset.format",
+                   "training.steps", "training.batch_size", "training.max_seq_len", "training.learning_rate",
+                   "training.lora", "eval.max_new_tokens", "output.uri", "model.preset", "template.recipe"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(MANIFEST_FIELDS), JSON)
+def test_any_value_in_any_manifest_field_is_accepted_or_named(field, value):
+    data = {"dataset": {"uri": "d.jsonl"}, "eval": {"uri": "e.jsonl"}, "output": {"uri": "runs"}}
+    node = data
+    *parents, last = field.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[last] = value
+    try:
+        assert isinstance(parse_manifest(data, base_uri="/m/manifest.json"), Manifest)
+    except BadInput as e:
+        assert field.split(".")[0] in str(e), str(e)

@@ -107,3 +107,17 @@ def test_gcs_holder_that_lost_its_lease_is_told(gcs_bucket):
 def test_gcs_lease_in_a_missing_bucket_is_bad_input(gcs_server):
     with pytest.raises(BadInput, match="gs://no-such-bucket-xyz/run/_LEASE.*bucket does not exist"):
         Lease("gs://no-such-bucket-xyz/run", ttl_s=1.0).acquire()
+
+
+def test_a_run_whose_directory_is_leased_writes_nothing(tmp_path):
+    from pathlib import Path
+
+    from job.run import run_job
+
+    manifest = Path(__file__).resolve().parent.parent / "manifests" / "local_tiny.json"
+    run = tmp_path / "local-tiny"
+    with Lease(str(run)):
+        for fresh in (False, True):
+            with pytest.raises(LeaseHeld):
+                run_job(str(manifest), [f"output.uri={tmp_path}"], fresh=fresh)
+            assert [p.name for p in run.iterdir()] == [LEASE_FILE]
