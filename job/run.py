@@ -164,6 +164,9 @@ class Run:
             raise
         except Exception as err:
             self._safe_status(state="failed", error=f"{type(err).__name__}: {err}")
+            if transient_cause(err):  # e.g. Orbax/tensorstore giving up on an unreachable bucket
+                raise Retriable(f"storage or network error ({type(err).__name__}: {err}); "
+                                "run the same manifest again to resume") from err
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
@@ -351,6 +354,21 @@ class Run:
     def _stop_if_asked(self) -> None:
         if self.stop.is_set():
             raise Preempted(f"stopped by {self.stop_reason}; run the same manifest again to resume")
+
+
+_TRANSIENT_STATUS = ("UNAVAILABLE:", "DEADLINE_EXCEEDED:", "RESOURCE_EXHAUSTED:", "ABORTED:")
+
+
+def transient_cause(err: BaseException | None) -> bool:
+    """True when the error, or one it was raised from, is a network or storage outage: a connection or
+    timeout error, or a gRPC/absl status that says "try again" (how tensorstore, under Orbax, fails)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (ConnectionError, TimeoutError)) or any(code in str(err) for code in _TRANSIENT_STATUS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
 
 
 def _trainable_kind(m: Manifest):

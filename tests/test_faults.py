@@ -195,3 +195,18 @@ def test_a_stream_broken_mid_file_continues_after_the_last_line(server, bounded)
     assert [n for n, _ in got] == list(range(1, len(lines) + 1))
     assert [line for _, line in got] == lines
     assert digest.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_outage_errors_from_libraries_count_as_retriable():
+    from job.run import transient_cause
+
+    assert transient_cause(ValueError("UNAVAILABLE: Error writing gs://b/ckpt/1/x: Connection refused"))
+    assert transient_cause(RuntimeError("save failed").with_traceback(None)) is False
+    try:
+        try:
+            raise ConnectionResetError("reset by peer")
+        except ConnectionResetError as inner:
+            raise RuntimeError("checkpoint save failed") from inner
+    except RuntimeError as outer:
+        assert transient_cause(outer)
+    assert not transient_cause(ValueError("INVALID_ARGUMENT: shape mismatch"))
