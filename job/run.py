@@ -4,7 +4,8 @@ Every artifact lands in the run directory `{output.uri}/{run_id}`. `status.json`
 run is; `_SUCCESS` is written last and only when everything else is there, so its absence means
 the run did not finish, whatever else the directory holds. Rerunning a manifest lands in the same
 directory: a finished run is left alone, an unfinished one resumes from its latest checkpoint with
-the seed it recorded, and ends exactly where an uninterrupted run would have.
+the seed it recorded, and ends exactly where an uninterrupted run would have. One process at a
+time: the run directory's lease (job/lease.py) is taken before anything is written.
 """
 
 from __future__ import annotations
