@@ -27,6 +27,7 @@ SMALL = [
     "training.steps=8", "training.batch_size=4", "training.warmup_steps=2", "training.checkpoint_every_steps=2",
     "training.log_every_steps=2", "training.eval_every_steps=4", "dataset.limit=200", "dataset.holdout=4",
     "eval.limit=6", "eval.batch_size=6", "eval.max_new_tokens=24",
+    "training.max_seq_len=144",  # two examples per row: the runs train packed batches
 ]
 ARTIFACTS = ["run_manifest.json", "status.json", "metrics.jsonl", "rejects.jsonl", "eval_before.jsonl",
              "eval_after.jsonl", "delta_report.json", "delta_report.md", "loss_curve.png",
