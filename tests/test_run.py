@@ -266,3 +266,23 @@ def test_sigterm_before_training_is_retriable_and_leaves_no_success(tmp_path):
     assert "SIGTERM" in state_of(run_uri)["error"]
     assert not io.exists(io.join(run_uri, "_SUCCESS"))
     assert '"severity": "ERROR"' in stderr and "Traceback" not in stderr  # a clear message, no stack dump
+
+
+def test_the_job_sets_up_the_compile_cache_from_the_environment(monkeypatch, tmp_path):
+    import jax
+
+    from job.run import configure_compile_cache
+
+    saved = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    try:
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        assert configure_compile_cache() is None
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+        monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        assert configure_compile_cache() == str(tmp_path / "jax")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0, "every compilation is cached"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", saved[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
