@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+LOAD_AT_START = os.getloadavg()[0]
 WORDS = ("the a of to and in is it that for on was with as he she they at by this from or one had not but what all "
          "were when we there can an your which their said if do will each about how up out them then many some so "
          "these would other into has more her two like him see time could no make than first been its who now "
@@ -62,8 +63,8 @@ def write_dataset(path: Path, records: int, seed: int, median: float = 60, sigma
     """A prompt/completion JSONL whose rendered token lengths are lognormal (median, sigma), clipped to max_len."""
     import numpy as np
 
-    from job.template import render_example
     from job.formats import Example, Turn
+    from job.template import render_example
     from job.tokens import load_tokenizer, tokenize
 
     tok = load_tokenizer(None)
@@ -258,11 +259,10 @@ def worker_decode(args: dict) -> dict:
     """Greedy decoding tokens/s: prompts in batches vs one at a time (both after their compile)."""
     from job.evaluate import Decoder
     from job.formats import read_eval_items
-    from job.manifest import EvalSpec
+    from job.manifest import EvalSpec, ModelSpec
     from job.model import build_model
     from job.template import render_prompt
     from job.tokens import load_tokenizer
-    from job.manifest import ModelSpec
 
     tok = load_tokenizer(None)
     built = build_model(ModelSpec(preset="tiny", dtype="float32"), None, 7, tok.vocab_size, tempfile.gettempdir())
@@ -315,7 +315,7 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def bench(quick: bool, out_dir: Path) -> dict:
+def bench(quick: bool) -> dict:
     plan = {
         "records": 1000 if quick else 20000, "matmul_n": 1024 if quick else 2048, "matmul_repeats": 5 if quick else 15,
         "steps": 6 if quick else 14, "train_repeats": 1 if quick else 2, "start_repeats": 1 if quick else 2,
@@ -477,7 +477,7 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
             "platform": platform.platform(), "python": platform.python_version(), "versions": versions,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_average_1m_at_start": LOAD_AT_START}
 
 
 def markdown(report: dict) -> str:
@@ -526,9 +526,11 @@ def markdown(report: dict) -> str:
         f"Written by `make bench` ({'quick' if report['quick'] else 'full'} mode) on {mach['date']}.", "",
         f"Machine: {mach['cpu']}, {mach['usable_cores']} usable cores, {mach['platform']}; Python {mach['python']}; "
         + ", ".join(f"{k} {v}" for k, v in mach["versions"].items())
-        + (f"; XLA_FLAGS `{mach['xla_flags']}`" if mach["xla_flags"] else "") + ".", "",
+        + (f"; XLA_FLAGS `{mach['xla_flags']}`" if mach["xla_flags"] else "")
+        + f". Load average when it started: {mach['load_average_1m_at_start']:.1f} (well above 0, other processes "
+        "shared the cores: compare the ratios, not the absolute figures).", "",
         "Medians, with (min..max, n) over repeated measurements. Workload: tiny Gemma 3 "
-        f"({t['dense'].get('parameters', '5.8 M')} params) on {plan['records']} synthetic records with lognormal "
+        f"({t['dense']['parameters'] / 1e6:.2f} M params) on {plan['records']} synthetic records with lognormal "
         "token lengths (median ~60, sigma 0.9, clipped to 512), trained through the job's own pipeline.", "",
         "| what | figure |", "|---|---|",
         *[f"| {a} | {b} |" for a, b in rows], "",
@@ -559,7 +561,7 @@ def main() -> int:
     started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    raw = bench(args.quick, out)
+    raw = bench(args.quick)
     (out / "BENCHMARKS.raw.json").write_text(json.dumps(raw))  # kept if the summary below fails
     report = {"quick": args.quick, "machine": machine(), "summary": summarize(raw), "raw": raw,
               "seconds": time.perf_counter() - started}
