@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
 
-.PHONY: venv demo test validate schema tokenizer demo-data clean
+.PHONY: venv demo test bench validate schema tokenizer demo-data clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,10 @@ demo: venv
 
 test: venv
 	$(BIN)/pytest -q --cov=job --cov-report=term --cov-fail-under=80
+
+# Throughput, start-up, data and decoding figures -> BENCHMARKS.json / BENCHMARKS.md (~10-15 min on 2 cores).
+bench: venv
+	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 
 validate: venv
 	$(BIN)/tunix-job validate --manifest manifests/local_tiny.json

@@ -156,10 +156,11 @@ def shuffled(items: Iterator, rng: np.random.Generator, buffer_size: int = SHUFF
 def training_batches(m: Manifest, tokenizer: Tokenizer, seed: int) -> Iterator[Batch]:
     """Fixed-shape batches for the trainer: one per micro-step, as many as the run needs."""
     needed = m.training.steps * m.training.grad_accum_steps
-    stream = batches(training_examples(m, tokenizer, seed), m.training.batch_size, m.training.max_seq_len)
+    stream = batches(training_examples(m, tokenizer, seed), m.training.batch_size, m.training.max_seq_len,
+                     m.training.packing)
     for _, batch in zip(range(needed), stream):
         yield batch
 
 
 def eval_batches(m: Manifest, held_out: list[TokenizedExample]) -> list[Batch]:
-    return list(batches(held_out, m.training.batch_size, m.training.max_seq_len))
+    return list(batches(held_out, m.training.batch_size, m.training.max_seq_len, m.training.packing))

@@ -143,8 +143,8 @@ class TrainingSpec(_Section):
     """The optimisation: steps, batch, sequence length, learning rate, adapters, checkpoints."""
 
     steps: int = Field(100, ge=1, le=10_000_000, description="Optimizer steps.")
-    batch_size: int = Field(8, ge=1, le=65536, description="Examples per step (across grad_accum_steps).")
-    max_seq_len: int = Field(256, ge=16, le=131072, description="Tokens per example, prompt and completion together.")
+    batch_size: int = Field(8, ge=1, le=65536, description="Rows per micro-batch (one example each, or several with packing).")
+    max_seq_len: int = Field(256, ge=16, le=131072, description="Tokens per row; the longest example allowed, prompt and completion together.")
     learning_rate: float = Field(1e-3, gt=0, le=1, description="Peak learning rate.")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps; at most steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
@@ -154,6 +154,9 @@ class TrainingSpec(_Section):
     )
     lora: LoraSpec | None = Field(
         None, description="Train LoRA adapters instead of all weights (null: full fine-tuning)."
+    )
+    packing: bool = Field(
+        True, description="Pack several whole examples into each row (attention stays within each example)."
     )
     length_policy: Literal["reject", "truncate"] = Field(
         "reject", description="What to do with examples longer than max_seq_len."

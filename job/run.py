@@ -107,8 +107,25 @@ class Metrics:
         return [line for line in self.lines if "loss" in line or "eval_loss" in line]
 
 
+def configure_compile_cache() -> str | None:
+    """JAX's persistent compilation cache in $JAX_COMPILATION_CACHE_DIR (a local path, or gs://...), if given.
+
+    A retried, resumed or repeated run then loads the train step and the sampler instead of
+    compiling them again. Every compilation is cached (JAX skips those under 1 s by default;
+    $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS still wins when set).
+    """
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    if not path:
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
+
+
 def run_job(manifest_uri: str, overrides: list[str] = (), fresh: bool = False) -> int:
     """Run a manifest to a finished run directory. Returns 0, or raises JobError with its exit code."""
+    configure_compile_cache()
     m = load_manifest(manifest_uri, overrides)
     run_id = derive_run_id(m)
     run_uri = run_dir(m, run_id)
@@ -182,6 +199,7 @@ class Run:
             "manifest": json.loads(m.model_dump_json()), "versions": versions(),
             "image": os.environ.get("TUNIX_JOB_IMAGE"),
             "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
+            "compile_cache": os.environ.get("JAX_COMPILATION_CACHE_DIR"),
             "started_at": utc_now(), "ended_at": None,
         }
         self._write_record()

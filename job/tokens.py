@@ -151,13 +151,50 @@ def make_batch(rows: list[list[TokenizedExample]], seq_len: int, batch_size: int
     return Batch(tokens, loss, segments, positions)
 
 
-def batches(examples: Iterable[TokenizedExample], batch_size: int, seq_len: int) -> Iterator[Batch]:
-    """One example per row, padded to seq_len (a fixed shape: the step compiles once)."""
+PACK_OPEN_ROWS = 64  # rows kept open while packing: bounds memory and delay; ~0.5% padding on mixed lengths
+
+
+def pack(examples: Iterable[TokenizedExample], seq_len: int, open_rows: int = PACK_OPEN_ROWS
+         ) -> Iterator[list[TokenizedExample]]:
+    """Sequence packing: rows of whole examples, first fit over a bounded set of open rows.
+
+    Each example goes into the oldest open row with room for it, else into a new row; when
+    `open_rows` rows are open, the oldest is emitted first. Rows come out in the order they were
+    opened, so the same examples give the same rows, and examples that never share a row (each one
+    longer than half a row) keep their order exactly. No example is split or dropped.
+    """
     rows: list[list[TokenizedExample]] = []
+    room: list[int] = []
     for example in examples:
-        rows.append([example])
-        if len(rows) == batch_size:
-            yield make_batch(rows, seq_len, batch_size)
-            rows = []
-    if rows:
-        yield make_batch(rows, seq_len, batch_size)
+        n = len(example.ids)
+        if n > seq_len:
+            raise ValueError(f"example {example.id} has {n} tokens, more than {seq_len}")
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(example)
+                room[r] -= n
+                break
+        else:
+            if len(rows) == open_rows:
+                yield rows.pop(0)
+                room.pop(0)
+            rows.append([example])
+            room.append(seq_len - n)
+    yield from rows
+
+
+def batches(examples: Iterable[TokenizedExample], batch_size: int, seq_len: int, packing: bool = False
+            ) -> Iterator[Batch]:
+    """Fixed-shape batches of `batch_size` rows of `seq_len` tokens (one compiled step shape).
+
+    One example per row, padded; or, with `packing`, as many whole examples per row as fit.
+    """
+    rows = pack(examples, seq_len) if packing else ([example] for example in examples)
+    chunk: list[list[TokenizedExample]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == batch_size:
+            yield make_batch(chunk, seq_len, batch_size)
+            chunk = []
+    if chunk:
+        yield make_batch(chunk, seq_len, batch_size)

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import jax.numpy as jnp
 import optax
@@ -23,6 +24,55 @@ from tunix.sft import peft_trainer
 
 from job.manifest import TrainingSpec
 from job.tokens import Batch
+
+
+PREFETCH_BATCHES = 4  # batches read, tokenized and laid out ahead of the step
+
+
+def prefetch(items: Iterable, depth: int = PREFETCH_BATCHES) -> Iterator:
+    """Iterate `items` in a background thread, up to `depth` ahead, in the same order.
+
+    The data pipeline (read, render, tokenize, pack) then overlaps the step instead of running
+    between steps. An exception in the producer is raised here; closing this generator (or
+    leaving it unfinished) stops the producer, which never blocks for more than a moment.
+    """
+    done = object()
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    closing = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not closing.is_set():
+                    try:
+                        slots.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if closing.is_set():
+                    return
+            slots.put((done, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            slots.put((done, err))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, err = slots.get()
+            if item is done:
+                if err is not None:
+                    raise err
+                return
+            yield item
+    finally:
+        closing.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                slots.get_nowait()
+            except queue.Empty:
+                pass
+            thread.join(timeout=0.1)
 
 
 def learning_rate_schedule(spec: TrainingSpec) -> optax.Schedule:
@@ -165,7 +215,11 @@ class Trainer:
         if start < self.spec.steps or eval_batches:
             # Even with every step done (a run killed after its last checkpoint), Tunix's train()
             # evaluates the restored model first: the final eval loss is measured again, not lost.
-            self.trainer.train(train_batches, eval_batches or None)
+            batches = prefetch(train_batches)
+            try:
+                self.trainer.train(batches, eval_batches or None)
+            finally:
+                batches.close()
         else:
             self.trainer.close()
         end = self.trainer.train_steps

@@ -182,6 +182,24 @@ def test_training_batches_give_exactly_the_micro_steps_needed(tok):
     assert out[0].input_tokens.tolist() == list(training_batches(m, tok, seed=1))[0].input_tokens.tolist()
 
 
+def test_packed_training_batches_are_deterministic_and_fill_rows(tok):
+    # Demo examples are 60-69 tokens: three fit in a row of 216.
+    m = demo("dataset.limit=40", "dataset.holdout=4", "training.steps=4", "training.warmup_steps=0",
+             "training.batch_size=4", "training.max_seq_len=216", "training.packing=true")
+    out = list(training_batches(m, tok, seed=5))
+    again = list(training_batches(m, tok, seed=5))
+    assert len(out) == 4
+    for a, b in zip(out, again):
+        for field in ("input_tokens", "input_mask", "segment_ids", "positions"):
+            assert np.array_equal(getattr(a, field), getattr(b, field))
+    assert all(batch.input_tokens.shape == (4, 216) for batch in out)
+    per_row = [int(row.max()) for batch in out for row in batch.segment_ids]
+    assert min(per_row) >= 2 and max(per_row) == 3
+    unpacked = list(training_batches(m.model_copy(update={"training": m.training.model_copy(update={"packing": False})}),
+                                     tok, seed=5))
+    assert all(int(row.max()) == 1 for batch in unpacked for row in batch.segment_ids)
+
+
 # ------------------------------------------------------------------------------------ gs://
 
 

@@ -27,6 +27,7 @@ SMALL = [
     "training.steps=8", "training.batch_size=4", "training.warmup_steps=2", "training.checkpoint_every_steps=2",
     "training.log_every_steps=2", "training.eval_every_steps=4", "dataset.limit=200", "dataset.holdout=4",
     "eval.limit=6", "eval.batch_size=6", "eval.max_new_tokens=24",
+    "training.max_seq_len=144",  # two examples per row: the runs train packed batches
 ]
 ARTIFACTS = ["run_manifest.json", "status.json", "metrics.jsonl", "rejects.jsonl", "eval_before.jsonl",
              "eval_after.jsonl", "delta_report.json", "delta_report.md", "loss_curve.png",
@@ -219,3 +220,23 @@ def test_lora_run_with_gradient_accumulation_saves_an_adapter_that_reproduces_it
     assert record["parameters"]["trainable"] < record["parameters"]["total"] / 10  # only the adapters train
     generations = [json.loads(x)["meta"]["raw_output"] for x in io.read_text(f"{run_uri}/eval_after.jsonl").splitlines()]
     assert regenerate(f"{run_uri}/final", "float32", 6) == generations
+
+
+def test_the_job_sets_up_the_compile_cache_from_the_environment(monkeypatch, tmp_path):
+    import jax
+
+    from job.run import configure_compile_cache
+
+    saved = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    try:
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        assert configure_compile_cache() is None
+        monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
+        monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+        assert configure_compile_cache() == str(tmp_path / "jax")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0, "every compilation is cached"
+    finally:
+        jax.config.update("jax_compilation_cache_dir", saved[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])

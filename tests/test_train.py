@@ -1,0 +1,58 @@
+"""Tests for job.train.prefetch: the background thread that reads batches ahead of the step."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from job.train import prefetch
+
+
+def test_prefetch_keeps_the_order_and_ends_with_the_source():
+    assert list(prefetch(iter(range(100)), depth=3)) == list(range(100))
+    assert list(prefetch(iter([]))) == []
+
+
+def test_prefetch_runs_ahead_of_the_consumer_by_at_most_depth():
+    produced = []
+
+    def source():
+        for k in range(50):
+            produced.append(k)
+            yield k
+
+    stream = prefetch(source(), depth=4)
+    assert next(stream) == 0
+    time.sleep(0.3)
+    # one taken, `depth` queued, one more waiting to be put
+    assert 4 <= len(produced) <= 6
+    stream.close()
+
+
+def test_an_error_in_the_producer_is_raised_in_the_consumer_after_the_items_before_it():
+    def source():
+        yield 1
+        yield 2
+        raise ValueError("bad record")
+
+    stream = prefetch(source())
+    assert next(stream) == 1 and next(stream) == 2
+    with pytest.raises(ValueError, match="bad record"):
+        next(stream)
+
+
+def test_closing_early_stops_the_producer_thread():
+    before = threading.active_count()
+    def endless():
+        k = 0
+        while True:
+            yield k
+            k += 1
+
+    stream = prefetch(endless(), depth=2)
+    assert [next(stream) for _ in range(5)] == [0, 1, 2, 3, 4]
+    stream.close()
+    assert not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate())
+    assert threading.active_count() <= before
