@@ -10,6 +10,7 @@ the seed it recorded, and ends exactly where an uninterrupted run would have.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import importlib.metadata
@@ -20,12 +21,13 @@ import secrets
 import signal
 import tempfile
 import threading
+from collections.abc import Callable
 
 import jax
 from flax import nnx
 
 import job
-from job import io, logs, outputs
+from job import distributed, io, logs, outputs
 from job.dataset import DataCounts, eval_batches, scan, training_batches
 from job.errors import BadInput, JobError, Retriable
 from job.evaluate import Decoder, EvalRun, evaluate
@@ -70,7 +72,8 @@ class Status:
 
     def set(self, **fields) -> None:
         self.fields.update(fields, updated_at=utc_now())
-        io.write_json(self.uri, self.fields)
+        if distributed.is_main():
+            io.write_json(self.uri, self.fields)
 
 
 class Metrics:
@@ -98,7 +101,8 @@ class Metrics:
         self.lines.append(line)
 
     def flush(self) -> None:
-        io.write_text(self.uri, "".join(json.dumps(line) + "\n" for line in self.lines))
+        if distributed.is_main():
+            io.write_text(self.uri, "".join(json.dumps(line) + "\n" for line in self.lines))
 
     @property
     def losses(self) -> list[dict]:
@@ -110,9 +114,10 @@ def run_job(manifest_uri: str, overrides: list[str] = (), fresh: bool = False) -
     m = load_manifest(manifest_uri, overrides)
     run_id = derive_run_id(m)
     run_uri = run_dir(m, run_id)
-    if fresh and io.exists(run_uri):
+    if fresh and distributed.is_main() and io.exists(run_uri):
         logs.warning("fresh run requested: removing the previous run directory", run_dir=run_uri)
         io.remove(run_uri, recursive=True)
+    distributed.barrier("started")  # every process sees the same run directory
     if io.exists(io.join(run_uri, outputs.SUCCESS_FILE)):
         logs.info("this run already succeeded; nothing to do (pass --fresh to run it again)", run_dir=run_uri)
         return 0
@@ -138,6 +143,8 @@ class Run:
 
     def execute(self) -> int:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        distributed.on_peer_failure(lambda code, message: self._safe_status(
+            state="preempted" if code == Preempted.exit_code else "failed", error=message))
         try:
             self._run()
             return 0
@@ -158,11 +165,14 @@ class Run:
         logs.info("run starting", run_id=self.run_id, run_dir=self.run_uri)
         self.status.set(state="validating")
         seed = self._seed()
+        if m.seed is None:  # generated (31 bits) or read back by each process: process 0's stands
+            seed = distributed.same_everywhere(seed)
         self.record = {
             "run_id": self.run_id, "seed": seed, "manifest_uri": self.manifest_uri,
             "manifest": json.loads(m.model_dump_json()), "versions": versions(),
             "image": os.environ.get("TUNIX_JOB_IMAGE"),
             "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
+            "processes": jax.process_count(),
             "started_at": utc_now(), "ended_at": None,
         }
         self._write_record()
@@ -175,18 +185,24 @@ class Run:
         self._write_record()
         self._stop_if_asked()
 
+        mesh = distributed.build_mesh(m.training.mesh)
+        distributed.check_batch(m.training.batch_size, mesh)
         built = build_model(m.model, m.training.lora, seed, tokenizer.vocab_size, cache_dir())
+        built = dataclasses.replace(built, model=distributed.shard_model(built.model, mesh))
         self.record["parameters"] = {"total": parameter_count(built.model),
                                      "trainable": parameter_count(built.model, _trainable_kind(m))}
         decoder = Decoder(built.model, built.config, tokenizer, m.eval)
+        if mesh is not None:  # decode with a whole local copy of the weights, taken when each eval starts
+            decoder = lambda: Decoder(distributed.local_replica(built.model, mesh), built.config, tokenizer, m.eval)  # noqa: E731
 
+        on_mesh = mesh if mesh is not None else contextlib.nullcontext()
         self.status.set(state="evaluating", phase="before")
         before = self._evaluate(decoder, items, "before")
         self._stop_if_asked()
 
         self.status.set(state="training", phase=None)
-        with tempfile.TemporaryDirectory(prefix="tensorboard-") as tb_dir:
-            holdout_batches = eval_batches(m, held_out)
+        with tempfile.TemporaryDirectory(prefix="tensorboard-") as tb_dir, on_mesh:
+            holdout_batches = list(distributed.local_batches(eval_batches(m, held_out), mesh))
             trainer = Trainer(built.model, m.training, self.path("checkpoints"), tb_dir,
                               self._on_step, self._on_eval, len(holdout_batches), self.stop,
                               on_checkpoint=lambda step: self.metrics.flush())
@@ -194,9 +210,11 @@ class Run:
             self.metrics.resume_from(self.resumed_from)
             if self.resumed_from:
                 logs.info("resuming from checkpoint", step=self.resumed_from)
-            result = trainer.train(training_batches(m, tokenizer, seed), holdout_batches)
+            result = trainer.train(distributed.local_batches(training_batches(m, tokenizer, seed), mesh),
+                                   holdout_batches)
             self.metrics.flush()
-            io.upload(tb_dir, self.path("tensorboard"))
+            if distributed.is_main():  # Tunix logs TensorBoard on process 0 only
+                io.upload(tb_dir, self.path("tensorboard"))
         if result.stopped_early:
             self.status.set(step=result.end_step)
             raise Preempted(f"stopped at step {result.end_step} of {m.training.steps} on SIGTERM; "
@@ -206,8 +224,13 @@ class Run:
         self.status.set(state="evaluating", phase="after", step=result.end_step)
         after = self._evaluate(decoder, items, "after")
         self._stop_if_asked()
-        save_final(built, self.path("final"), m.model, m.training.lora, tokenizer.processor.serialized_model_proto())
-        self._write_outputs(before, after, counts)
+        with on_mesh:
+            save_final(built, self.path("final"), m.model, m.training.lora, tokenizer.processor.serialized_model_proto())
+        # _SUCCESS must mean every process finished its part; then process 0 alone writes the outputs.
+        distributed.barrier("finished")
+        if distributed.is_main():
+            self._write_outputs(before, after, counts)
+        distributed.barrier("outputs-written")
 
     def _seed(self) -> int:
         """The manifest's seed; else the one an earlier attempt of this run recorded; else a new one."""
@@ -227,7 +250,8 @@ class Run:
                 rejects.write(json.dumps({"uri": r.uri, "line": r.line, "reason": r.reason, "raw": r.raw}) + "\n")
             counts, held_out = scan(m, tokenizer, on_reject)
         try:
-            io.upload(rejects.name, self.path("rejects.jsonl"))
+            if distributed.is_main():
+                io.upload(rejects.name, self.path("rejects.jsonl"))
         finally:
             os.unlink(rejects.name)
         logs.info("dataset scanned", **{k: v for k, v in counts.as_dict().items() if k != "reject_reasons"})
@@ -242,8 +266,8 @@ class Run:
                            f"{counts.held_out} held out by dataset.holdout)")
         return counts, held_out
 
-    def _evaluate(self, decoder: Decoder, items, phase: str) -> EvalRun:
-        run = evaluate(decoder, items, self.m.template)
+    def _evaluate(self, decoder: Decoder | Callable[[], Decoder], items, phase: str) -> EvalRun:
+        run = evaluate(decoder if isinstance(decoder, Decoder) else decoder(), items, self.m.template)
         n = len(run.results)
         logs.info(f"eval {phase}", n=n,
                   strict=sum(r.score.strict for r in run.results) / n,
@@ -304,7 +328,8 @@ class Run:
                   flexible_before=report["before"]["flexible_accuracy"], flexible_after=report["after"]["flexible_accuracy"])
 
     def _write_record(self) -> None:
-        io.write_json(self.path("run_manifest.json"), self.record)
+        if distributed.is_main():
+            io.write_json(self.path("run_manifest.json"), self.record)
 
     def _safe_status(self, **fields) -> None:
         """Best effort: the failure itself may be the storage."""
@@ -320,7 +345,8 @@ class Run:
         self.stop.set()
 
     def _stop_if_asked(self) -> None:
-        if self.stop.is_set():
+        # Every process passes the same boundaries: agreeing here stops them all at the same one.
+        if distributed.any_process(self.stop.is_set()):
             raise Preempted("stopped by SIGTERM; run the same manifest again to resume")
 
 
