@@ -60,6 +60,8 @@ _cluster = Cluster(None, 1, 0)
 _exit_lock = threading.Lock()
 _on_peer_failure: list[Callable[[int, str], None]] = []
 _watchdog_stop = threading.Event()
+_exiting = threading.Event()  # this process's main thread is failing by itself
+PEER_GRACE_S = 10  # a peer's failure: how long this process may take to fail by itself (same error, same point)
 WATCH_POLL_S = 1
 
 
@@ -272,6 +274,7 @@ def on_peer_failure(callback: Callable[[int, str], None]) -> None:
 
 def exit_all(code: int, message: str) -> None:
     """This process failed: tell the others (they exit with the same code) and exit without waiting for them."""
+    _exiting.set()
     with _exit_lock:
         try:
             _client().key_value_set(FAILURE_KEY, f"{code} {_cluster.index} {message}"[:4000])
@@ -305,7 +308,9 @@ def _watch_for_failures() -> None:
         except Exception:
             continue  # not set yet (timeout), or the coordinator is gone (the heartbeat then ends us)
         code, index, message = (value.split(" ", 2) + ["", ""])[:3]
-        if not _exit_lock.acquire(blocking=False):
+        # Most failures hit every process at the same point (bad data, a stop agreed by all): let this
+        # one fail by itself, with its own status and message, unless it is stuck waiting for the peer.
+        if _exiting.wait(PEER_GRACE_S) or not _exit_lock.acquire(blocking=False):
             return  # this process is itself on its way out
         logs.error(f"process {index} failed: {message}", exit_code=int(code), process=_cluster.index)
         for callback in _on_peer_failure:
