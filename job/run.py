@@ -21,7 +21,6 @@ import secrets
 import signal
 import tempfile
 import threading
-from collections.abc import Callable
 
 import jax
 from flax import nnx
@@ -191,13 +190,17 @@ class Run:
         built = dataclasses.replace(built, model=distributed.shard_model(built.model, mesh))
         self.record["parameters"] = {"total": parameter_count(built.model),
                                      "trainable": parameter_count(built.model, _trainable_kind(m))}
-        decoder = Decoder(built.model, built.config, tokenizer, m.eval)
-        if mesh is not None:  # decode with a whole local copy of the weights, taken when each eval starts
-            decoder = lambda: Decoder(distributed.local_replica(built.model, mesh), built.config, tokenizer, m.eval)  # noqa: E731
+        shared_decoder = Decoder(built.model, built.config, tokenizer, m.eval)
+
+        def decoder() -> Decoder:
+            # Sharded weights: decode with a whole local copy of them as they are now (no collectives).
+            if mesh is None:
+                return shared_decoder
+            return Decoder(distributed.local_replica(built.model, mesh), built.config, tokenizer, m.eval)
 
         on_mesh = mesh if mesh is not None else contextlib.nullcontext()
         self.status.set(state="evaluating", phase="before")
-        before = self._evaluate(decoder, items, "before")
+        before = self._evaluate(decoder(), items, "before")
         self._stop_if_asked()
 
         self.status.set(state="training", phase=None)
@@ -222,7 +225,7 @@ class Run:
         self.record["training"] = {"resumed_from_step": result.start_step, "steps": result.end_step}
 
         self.status.set(state="evaluating", phase="after", step=result.end_step)
-        after = self._evaluate(decoder, items, "after")
+        after = self._evaluate(decoder(), items, "after")
         self._stop_if_asked()
         with on_mesh:
             save_final(built, self.path("final"), m.model, m.training.lora, tokenizer.processor.serialized_model_proto())
@@ -266,8 +269,8 @@ class Run:
                            f"{counts.held_out} held out by dataset.holdout)")
         return counts, held_out
 
-    def _evaluate(self, decoder: Decoder | Callable[[], Decoder], items, phase: str) -> EvalRun:
-        run = evaluate(decoder if isinstance(decoder, Decoder) else decoder(), items, self.m.template)
+    def _evaluate(self, decoder: Decoder, items, phase: str) -> EvalRun:
+        run = evaluate(decoder, items, self.m.template)
         n = len(run.results)
         logs.info(f"eval {phase}", n=n,
                   strict=sum(r.score.strict for r in run.results) / n,
