@@ -30,7 +30,7 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 from job import logs
-from job.errors import BadInput
+from job.errors import BadInput, JobError, Retriable
 
 COORDINATOR_VAR, COUNT_VAR, INDEX_VAR = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 INIT_TIMEOUT_S = 300  # all processes must have joined by then (pods are scheduled at different times)
@@ -114,8 +114,6 @@ def start(env=os.environ) -> Cluster:
         jax.distributed.initialize(coordinator_address=wanted.coordinator, num_processes=wanted.count,
                                    process_id=wanted.index, initialization_timeout=INIT_TIMEOUT_S)
     except Exception as err:  # XLA raises its own error types with the coordinator's message
-        from job.errors import Retriable
-
         raise Retriable(f"could not join {wanted.count} processes through {wanted.coordinator} within "
                         f"{INIT_TIMEOUT_S} s ({type(err).__name__}: {err}); check that every process started "
                         f"with the same {COORDINATOR_VAR} and {COUNT_VAR}") from None
@@ -244,8 +242,6 @@ def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
     try:
         _client().wait_at_barrier(f"tunix-job/{name}", int(timeout_s * 1000))
     except Exception as err:
-        from job.errors import JobError
-
         raise JobError(f"processes did not all reach {name!r} within {timeout_s:.0f} s: {err}") from None
 
 
