@@ -210,5 +210,5 @@ def test_four_processes_match_one_device_within_tolerance(tmp_path):
     run_all(4, tmp_path / "four", *FOUR)
     run_all(1, tmp_path / "one", *FOUR)
     four, one = outcome(str(tmp_path / "four" / "base")), outcome(str(tmp_path / "one" / "base"))
-    close_to(four, one, rtol=1e-4)
+    close_to(four, one, rtol=1e-5)  # measured: 8e-8
     assert four["generations"]["before"] == one["generations"]["before"]  # same initial weights, exactly
