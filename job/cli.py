@@ -27,6 +27,9 @@ def _manifest_uri(args) -> str:
 
 
 def cmd_run(args) -> int:
+    from job import distributed
+
+    distributed.start()  # before any other JAX use; nothing happens on one process
     from job.run import run_job
 
     return run_job(_manifest_uri(args), args.set, fresh=args.fresh)
@@ -163,18 +166,25 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logs.capture_library_logs()
+    message = ""
     try:
-        return args.func(args)
+        code = args.func(args)
     except JobError as err:
         logs.error(str(err), exit_code=err.exit_code, error=type(err).__name__)
-        return err.exit_code
+        code, message = err.exit_code, f"{type(err).__name__}: {err}"
     except KeyboardInterrupt:
         logs.error("interrupted", exit_code=EXIT_UNEXPECTED)
-        return EXIT_UNEXPECTED
+        code, message = EXIT_UNEXPECTED, "interrupted"
     except Exception as err:
         logs.error(f"unexpected error: {type(err).__name__}: {err}", exit_code=EXIT_UNEXPECTED,
                    traceback=traceback.format_exc())
-        return EXIT_UNEXPECTED
+        code, message = EXIT_UNEXPECTED, f"{type(err).__name__}: {err}"
+    if code != EXIT_OK and "job.distributed" in sys.modules:
+        from job import distributed
+
+        if distributed.cluster().is_multi:
+            distributed.exit_all(code, message)  # the other processes exit with this code too; does not return
+    return code
 
 
 if __name__ == "__main__":

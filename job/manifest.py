@@ -139,6 +139,20 @@ class LoraSpec(_Section):
         return value
 
 
+class MeshSpec(_Section):
+    """How the devices of all processes are laid out: data-parallel (fsdp, weights sharded too) x tensor-parallel."""
+
+    fsdp: int = Field(-1, ge=-1, description="Devices on the fsdp axis (batch rows and weights split); -1: the rest.")
+    tp: int = Field(1, ge=-1, description="Devices on the tensor-parallel axis; -1: the rest.")
+
+    @model_validator(mode="after")
+    def _no_zero(self) -> MeshSpec:
+        for name in ("fsdp", "tp"):
+            if getattr(self, name) == 0:
+                raise _problem((name, "is 0", "use a positive size or -1 for the rest", 0))
+        return self
+
+
 class TrainingSpec(_Section):
     """The optimisation: steps, batch, sequence length, learning rate, adapters, checkpoints."""
 
@@ -166,6 +180,9 @@ class TrainingSpec(_Section):
         None, ge=1, description="Measure eval loss on the holdout every this many steps."
     )
     checkpoint_every_steps: int = Field(50, ge=1, description="Save a checkpoint every this many steps.")
+    mesh: MeshSpec = Field(
+        default_factory=MeshSpec, description="Device mesh over every process's devices; batch_size must divide by fsdp."
+    )
 
     @model_validator(mode="after")
     def _warmup_within_steps(self) -> TrainingSpec:

@@ -16,7 +16,7 @@ from flax import nnx
 from tunix.models.dummy_model_creator import create_dummy_model
 from tunix.models.gemma3 import model as gemma3
 
-from job import io, weights
+from job import distributed, io, weights
 from job.errors import BadInput
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -140,6 +140,7 @@ def save_final(built: BuiltModel, final_uri: str, spec, lora, tokenizer_bytes: b
         weights.save_params(built.model, io.join(final_uri, "params"))
     else:
         weights.save_params(built.model, io.join(final_uri, "adapter"), lora_only=True)
-    io.write_bytes(io.join(final_uri, "tokenizer.model"), tokenizer_bytes)
-    io.write_json(io.join(final_uri, "model.json"), info)
+    if distributed.is_main():  # the weights above are written by every process together (Orbax)
+        io.write_bytes(io.join(final_uri, "tokenizer.model"), tokenizer_bytes)
+        io.write_json(io.join(final_uri, "model.json"), info)
     return ["model.json", "tokenizer.model", "params" if lora is None else "adapter"]

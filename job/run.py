@@ -11,6 +11,7 @@ time: the run directory's lease (job/lease.py) is taken before anything is writt
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import hashlib
 import importlib.metadata
@@ -26,7 +27,7 @@ import jax
 from flax import nnx
 
 import job
-from job import io, logs, outputs
+from job import distributed, io, logs, outputs
 from job.dataset import DataCounts, eval_batches, scan, training_batches
 from job.errors import BadInput, JobError, Retriable
 from job.evaluate import Decoder, EvalRun, evaluate
@@ -72,7 +73,8 @@ class Status:
 
     def set(self, **fields) -> None:
         self.fields.update(fields, updated_at=utc_now())
-        io.write_json(self.uri, logs.redact(self.fields))
+        if distributed.is_main():
+            io.write_json(self.uri, logs.redact(self.fields))
 
 
 class Metrics:
@@ -100,7 +102,8 @@ class Metrics:
         self.lines.append(line)
 
     def flush(self) -> None:
-        io.write_text(self.uri, "".join(json.dumps(line) + "\n" for line in self.lines))
+        if distributed.is_main():
+            io.write_text(self.uri, "".join(json.dumps(line) + "\n" for line in self.lines))
 
     @property
     def losses(self) -> list[dict]:
@@ -131,15 +134,18 @@ def run_job(manifest_uri: str, overrides: list[str] = (), fresh: bool = False) -
     run_uri = run_dir(m, run_id)
     if not fresh and _succeeded(run_uri):
         return 0
-    # Nothing is written (not even --fresh's removal) before this process holds the run's lease.
     run = Run(m, run_id, run_uri, manifest_uri)
-    with Lease(run_uri, on_lost=run.lose_lease):
-        if fresh:
+    # Nothing is written (not even --fresh's removal) before the run's lease is held: process 0 holds it
+    # for all the processes of a multi-host run.
+    lease = Lease(run_uri, on_lost=run.lose_lease) if distributed.is_main() else contextlib.nullcontext()
+    with lease:
+        if fresh and distributed.is_main():
             logs.warning("fresh run requested: removing the previous run directory", run_dir=run_uri)
             for child in io.listdir(run_uri):
                 if io.basename(child) != LEASE_FILE:
                     io.remove(child, recursive=True)
-        elif _succeeded(run_uri):  # another process finished it while this one waited for the lease
+        distributed.barrier("started")  # every process sees the same run directory
+        if not fresh and _succeeded(run_uri):  # another process finished it while this one waited for the lease
             return 0
         return run.execute()
 
@@ -171,6 +177,8 @@ class Run:
 
     def execute(self) -> int:
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        distributed.on_peer_failure(lambda code, message: self._safe_status(
+            state="preempted" if code == Preempted.exit_code else "failed", error=message))
         try:
             self._run()
             return 0
@@ -194,12 +202,15 @@ class Run:
         logs.info("run starting", run_id=self.run_id, run_dir=self.run_uri)
         self.status.set(state="validating")
         seed = self._seed()
+        if m.seed is None:  # generated (31 bits) or read back by each process: process 0's stands
+            seed = distributed.same_everywhere(seed)
         self.record = {
             "run_id": self.run_id, "seed": seed, "manifest_uri": self.manifest_uri,
             "manifest": json.loads(m.model_dump_json()), "versions": versions(),
             "image": os.environ.get("TUNIX_JOB_IMAGE"),
             "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
             "compile_cache": os.environ.get("JAX_COMPILATION_CACHE_DIR"),
+            "processes": jax.process_count(),
             "started_at": utc_now(), "ended_at": None,
         }
         self._write_record()
@@ -212,18 +223,28 @@ class Run:
         self._write_record()
         self._stop_if_asked()
 
+        mesh = distributed.build_mesh(m.training.mesh)
+        distributed.check_batch(m.training.batch_size, mesh)
         built = build_model(m.model, m.training.lora, seed, tokenizer.vocab_size, cache_dir())
+        built = dataclasses.replace(built, model=distributed.shard_model(built.model, mesh))
         self.record["parameters"] = {"total": parameter_count(built.model),
                                      "trainable": parameter_count(built.model, _trainable_kind(m))}
-        decoder = Decoder(built.model, built.config, tokenizer, m.eval)
+        shared_decoder = Decoder(built.model, built.config, tokenizer, m.eval)
 
+        def decoder() -> Decoder:
+            # Sharded weights: decode with a whole local copy of them as they are now (no collectives).
+            if mesh is None:
+                return shared_decoder
+            return Decoder(distributed.local_replica(built.model, mesh), built.config, tokenizer, m.eval)
+
+        on_mesh = mesh if mesh is not None else contextlib.nullcontext()
         self.status.set(state="evaluating", phase="before")
-        before = self._evaluate(decoder, items, "before")
+        before = self._evaluate(decoder(), items, "before")
         self._stop_if_asked()
 
         self.status.set(state="training", phase=None)
-        with tempfile.TemporaryDirectory(prefix="tensorboard-") as tb_dir:
-            holdout_batches = eval_batches(m, held_out)
+        with tempfile.TemporaryDirectory(prefix="tensorboard-") as tb_dir, on_mesh:
+            holdout_batches = list(distributed.local_batches(eval_batches(m, held_out), mesh))
             trainer = Trainer(built.model, m.training, self.path("checkpoints"), tb_dir,
                               self._on_step, self._on_eval, len(holdout_batches), self.stop,
                               on_checkpoint=self._on_checkpoint)
@@ -231,9 +252,11 @@ class Run:
             self.metrics.resume_from(self.resumed_from)
             if self.resumed_from:
                 logs.info("resuming from checkpoint", step=self.resumed_from)
-            result = trainer.train(training_batches(m, tokenizer, seed), holdout_batches)
+            result = trainer.train(distributed.local_batches(training_batches(m, tokenizer, seed), mesh),
+                                   holdout_batches)
             self.metrics.flush()
-            io.upload(tb_dir, self.path("tensorboard"))
+            if distributed.is_main():  # Tunix logs TensorBoard on process 0 only
+                io.upload(tb_dir, self.path("tensorboard"))
         if result.stopped_early:
             self.status.set(step=result.end_step)
             raise Preempted(f"stopped at step {result.end_step} of {m.training.steps} on {self.stop_reason}; "
@@ -241,11 +264,16 @@ class Run:
         self.record["training"] = {"resumed_from_step": result.start_step, "steps": result.end_step}
 
         self.status.set(state="evaluating", phase="after", step=result.end_step)
-        after = self._evaluate(decoder, items, "after")
+        after = self._evaluate(decoder(), items, "after")
         self._stop_if_asked()
         logs.info("writing outputs", run_dir=self.run_uri)
-        save_final(built, self.path("final"), m.model, m.training.lora, tokenizer.processor.serialized_model_proto())
-        self._write_outputs(before, after, counts)
+        with on_mesh:
+            save_final(built, self.path("final"), m.model, m.training.lora, tokenizer.processor.serialized_model_proto())
+        # _SUCCESS must mean every process finished its part; then process 0 alone writes the outputs.
+        distributed.barrier("finished")
+        if distributed.is_main():
+            self._write_outputs(before, after, counts)
+        distributed.barrier("outputs-written")
 
     def _seed(self) -> int:
         """The manifest's seed; else the one an earlier attempt of this run recorded; else a new one."""
@@ -266,7 +294,8 @@ class Run:
                 rejects.write(json.dumps({"uri": logs.redact(r.uri), "line": r.line, "reason": r.reason, "raw": r.raw}) + "\n")
             counts, held_out = scan(m, tokenizer, on_reject)
         try:
-            io.upload(rejects.name, self.path("rejects.jsonl"))
+            if distributed.is_main():
+                io.upload(rejects.name, self.path("rejects.jsonl"))
         finally:
             os.unlink(rejects.name)
         logs.info("dataset scanned", **{k: v for k, v in counts.as_dict().items() if k != "reject_reasons"})
@@ -349,7 +378,8 @@ class Run:
                   flexible_before=report["before"]["flexible_accuracy"], flexible_after=report["after"]["flexible_accuracy"])
 
     def _write_record(self) -> None:
-        io.write_json(self.path("run_manifest.json"), logs.redact(self.record))
+        if distributed.is_main():
+            io.write_json(self.path("run_manifest.json"), logs.redact(self.record))
 
     def _safe_status(self, **fields) -> None:
         """Best effort, one attempt each: the failure itself may be the storage."""
@@ -371,7 +401,8 @@ class Run:
         self.stop.set()
 
     def _stop_if_asked(self) -> None:
-        if self.stop.is_set():
+        # Every process passes the same boundaries: agreeing here stops them all at the same one.
+        if distributed.any_process(self.stop.is_set()):
             raise Preempted(f"stopped by {self.stop_reason}; run the same manifest again to resume")
 
 

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from tunix.sft import peft_trainer
 
+from job import distributed
 from job.manifest import TrainingSpec
 from job.tokens import Batch
 
@@ -128,7 +129,8 @@ class _Hooks:
         pass
 
     def on_train_step_start(self, trainer):
-        if self.stop.is_set():
+        # Agreed by all processes each step (one tiny collective), so a SIGTERM to any stops all at the same step.
+        if distributed.any_process(self.stop.is_set()):
             # The loop checks max_steps before each step: the step running now is the last one.
             trainer.config.max_steps = trainer.train_steps
 

@@ -96,7 +96,13 @@ def final_params(run_uri: str) -> dict:
     import orbax.checkpoint as ocp
 
     path = io.join(run_uri, "final", "params")
-    restored = ocp.StandardCheckpointer().restore(path if "://" in path else os.path.abspath(path))
+    path = path if "://" in path else os.path.abspath(path)
+    checkpointer = ocp.StandardCheckpointer()
+    # Onto this process's one device, whatever the device layout the weights were written from.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                          checkpointer.metadata(path).item_metadata.tree)
+    restored = checkpointer.restore(path, target)
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(restored)}
 
 
