@@ -69,15 +69,16 @@ def _lease_object(uri: str) -> dict:
 
 def test_gcs_lease_refuses_while_renewed_and_is_free_after_release(gcs_bucket):
     run = f"{gcs_bucket}/runs/a"
-    first = Lease(run, ttl_s=1.0).acquire()
+    # TTLs of a few seconds: a renewal must get through a loaded CI machine's slowest loopback request.
+    first = Lease(run, ttl_s=3.0).acquire()
     assert _lease_object(run)["holder"] == first.info["holder"]
     started = time.monotonic()
     with pytest.raises(LeaseHeld, match="another process is running this run"):
-        Lease(run, ttl_s=1.0).acquire()  # waits one TTL, sees it renewed
-    assert 0.8 < time.monotonic() - started < 10
+        Lease(run, ttl_s=3.0).acquire()  # waits one TTL, sees it renewed
+    assert 1.5 < time.monotonic() - started < 15  # it waited for the holder to renew
     first.release()
     assert not io.exists(io.join(run, LEASE_FILE))
-    with Lease(run, ttl_s=1.0) as second:
+    with Lease(run, ttl_s=3.0) as second:
         assert _lease_object(run)["holder"] == second.info["holder"]
 
 
