@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the job image on every worker of a Cloud TPU VM (single- or multi-host): docker run with the
-# host's network (multi-host JAX finds its peers through the TPU VM's metadata) and the TPU devices.
+# host's network (the workers of a multi-host slice reach each other) and the TPU devices.
 # The TPU VM's service account needs Artifact Registry read and bucket access. The command returns
 # the job's exit code contract: 0 done, 2 bad input, 75 preempted/retriable (run it again), 1 other.
 set -euo pipefail
