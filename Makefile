@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.cache/jax
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 0
 
-.PHONY: venv demo test bench validate schema tokenizer demo-data clean
+.PHONY: venv demo test bench validate schema tokenizer demo-data clean image image-tpu image-base test-container lint-deploy
 
 venv: $(STAMP)
 
@@ -41,6 +41,36 @@ tokenizer: venv
 
 demo-data: venv
 	$(BIN)/python scripts/make_demo_data.py
+
+# -- containers and Kubernetes (README: "Containers and Kubernetes") -----------------------------
+VERSION := $(shell sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)
+IMAGE_CPU ?= tunix-rt-job:$(VERSION)-cpu
+IMAGE_TPU ?= tunix-rt-job:$(VERSION)-tpu
+# CI has no registry: the container test builds FROM a Debian 12 image made with debootstrap.
+LOCAL_BASE ?= localhost/tunix-rt-base:bookworm
+TEST_IMAGE ?= localhost/tunix-rt-job:test-cpu
+CI_CONTAINERS_CONF := $(CURDIR)/.ci/containers.conf
+
+image:
+	scripts/build_image.sh -t $(IMAGE_CPU) cpu
+
+image-tpu:
+	scripts/build_image.sh -t $(IMAGE_TPU) tpu
+
+image-base:
+	CONTAINERS_CONF=$${CONTAINERS_CONF:-$(CI_CONTAINERS_CONF)} scripts/build_base_image.sh -t $(LOCAL_BASE)
+
+# Root, buildah, podman, runc and debootstrap (.ci/run installs them). The base image is made once per
+# machine; the job image is rebuilt (cached layers) and the tiny job run in it.
+test-container: venv
+	set -e; export CONTAINERS_CONF=$${CONTAINERS_CONF:-$(CI_CONTAINERS_CONF)}; \
+	podman image exists $(LOCAL_BASE) || scripts/build_base_image.sh -t $(LOCAL_BASE); \
+	scripts/build_image.sh -b $(LOCAL_BASE) -t $(TEST_IMAGE) cpu; \
+	TUNIX_JOB_TEST_IMAGE=$(TEST_IMAGE) $(BIN)/pytest -q -p no:cacheprovider tests/container
+
+lint-deploy: venv
+	$(BIN)/hadolint $$(find docker -name 'Dockerfile*' -o -name '*.Dockerfile')
+	$(BIN)/python scripts/lint_k8s.py k8s/*.yaml
 
 clean:
 	rm -rf runs .cache .pytest_cache .coverage htmlcov

@@ -9,12 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Sequence
 
 from job import logs
-from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNEXPECTED, BadInput, JobError
+from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_RETRIABLE, EXIT_UNEXPECTED, BadInput, JobError
 
 VALIDATE_DEFAULT_LIMIT = 10_000
 
@@ -26,13 +27,24 @@ def _manifest_uri(args) -> str:
     return uri
 
 
+def _sigterm_before_the_run(signum, frame) -> None:
+    # SystemExit, not an Exception: a library's broad `except Exception` cannot swallow it.
+    logs.warning("SIGTERM before the run started: nothing to save; run the same manifest again",
+                 exit_code=EXIT_RETRIABLE)
+    raise SystemExit(EXIT_RETRIABLE)
+
+
 def cmd_run(args) -> int:
-    from job import distributed
+    # In a container the job is PID 1, and the kernel drops SIGTERM to PID 1 while no handler is set:
+    # without this one, a pod stopped while JAX imports or the manifest loads would wait out its grace
+    # period and be killed. The run installs its own handler (stop after the current step) once it starts.
+    previous = signal.signal(signal.SIGTERM, _sigterm_before_the_run)
+    try:
+        from job.run import run_job
 
-    distributed.start()  # before any other JAX use; nothing happens on one process
-    from job.run import run_job
-
-    return run_job(_manifest_uri(args), args.set, fresh=args.fresh)
+        return run_job(_manifest_uri(args), args.set, fresh=args.fresh)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def cmd_validate(args) -> int:

@@ -246,3 +246,14 @@ def test_the_job_sets_up_the_compile_cache_from_the_environment(monkeypatch, tmp
     finally:
         jax.config.update("jax_compilation_cache_dir", saved[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", saved[1])
+
+
+def test_sigterm_while_the_job_starts_exits_retriable(tmp_path):
+    # In a container the job is PID 1, whose SIGTERM the kernel drops while no handler is set: the CLI
+    # sets one before the slow imports. (Outside a container, without it the process dies of the signal.)
+    proc = start_job(str(DEMO), f"output.uri={tmp_path}", "run_id=early")
+    time.sleep(2.0)  # the CLI is loaded; JAX is still importing or the run is starting
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == EXIT_RETRIABLE, stderr[-3000:]
+    assert not (tmp_path / "early" / "_SUCCESS").exists()
