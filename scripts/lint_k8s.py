@@ -6,7 +6,8 @@ No single offline tool catches every mistake, so every document goes through sev
 1. kubernetes-validate --strict, with the Kubernetes OpenAPI schemas of the oldest and newest
    versions we support (1.31: podFailurePolicy is stable; 1.37): unknown fields and wrong types.
 2. The kubernetes client's pydantic models (V1Job, ...): unknown fields, wrong types, missing fields.
-3. A JobSet against its CRD schema (scripts/k8s_schemas/jobset-v1alpha2.json) with
+3. A JobSet against its CRD schema (the JobSet CRD kept beside the repository, in
+   ../shared/k8s-schemas/jobset.x-k8s.io_jobsets.yaml; JOBSET_CRD overrides the path) with
    `additionalProperties: false` added to every object that lists its properties; its Job template
    also goes through 1 and 2 as a batch/v1 Job.
 4. What none of them checks: enum values (restartPolicy, dnsPolicy, podFailurePolicy actions and
@@ -17,15 +18,14 @@ No single offline tool catches every mistake, so every document goes through sev
    TUNIX_JOB_IMAGE (equal to the image) second in env (scripts/submit_job.sh patches them by position);
    TPU requests equal limits; in a JobSet, one pod per host and the JAX peer settings consistent.
 
-The schema file is the JobSet CRD's openAPIV3Schema with its descriptions removed (see its "//" key);
-to update it, take config/components/crd/bases/jobset.x-k8s.io_jobsets.yaml from the JobSet release
-and drop every "description".
+The CRD is the JobSet release's config/components/crd/bases/jobset.x-k8s.io_jobsets.yaml; the
+served version's openAPIV3Schema is what a JobSet is checked against.
 """
 
 from __future__ import annotations
 
 import copy
-import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from job.errors import EXIT_BAD_INPUT, EXIT_RETRIABLE  # noqa: E402
 
 KUBERNETES_VERSIONS = ("1.31", "1.37")
-JOBSET_SCHEMA = Path(__file__).resolve().parent / "k8s_schemas" / "jobset-v1alpha2.json"
+JOBSET_CRD = Path(os.environ.get("JOBSET_CRD", ROOT.parent / "shared" / "k8s-schemas" / "jobset.x-k8s.io_jobsets.yaml"))
 MODELS = {
     ("batch/v1", "Job"): k8s.V1Job,
     ("v1", "ServiceAccount"): k8s.V1ServiceAccount,
@@ -84,8 +84,20 @@ _jobset_validator = None
 def jobset_validator() -> jsonschema.Draft7Validator:
     global _jobset_validator
     if _jobset_validator is None:
-        _jobset_validator = jsonschema.Draft7Validator(strict(json.loads(JOBSET_SCHEMA.read_text())))
+        _jobset_validator = jsonschema.Draft7Validator(strict(jobset_schema()))
     return _jobset_validator
+
+
+def jobset_schema(version: str = "v1alpha2") -> dict:
+    """The openAPIV3Schema of the JobSet CRD's `version`."""
+    if not JOBSET_CRD.is_file():
+        sys.exit(f"lint_k8s: the JobSet CRD is not at {JOBSET_CRD}: set JOBSET_CRD to the "
+                 "jobset.x-k8s.io_jobsets.yaml of the JobSet release")
+    crd = yaml.safe_load(JOBSET_CRD.read_text())
+    for served in crd["spec"]["versions"]:
+        if served["name"] == version:
+            return served["schema"]["openAPIV3Schema"]
+    sys.exit(f"lint_k8s: {JOBSET_CRD} has no version {version}")
 
 
 def schema_problems(doc: dict) -> list[str]:

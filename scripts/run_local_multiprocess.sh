@@ -4,8 +4,15 @@
 #   scripts/run_local_multiprocess.sh 2 manifests/local_tiny.json --set training.steps=20
 # Exit status: the first non-zero exit status among the processes, else 0.
 set -euo pipefail
+usage() {
+  echo "usage: $0 N MANIFEST [tunix-job run arguments...]"
+}
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+  usage
+  exit 0
+fi
 if [ $# -lt 2 ]; then
-  echo "usage: $0 N MANIFEST [tunix-job run arguments...]" >&2
+  usage >&2
   exit 2
 fi
 n=$1 manifest=$2
