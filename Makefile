@@ -24,7 +24,7 @@ demo: venv
 	@echo "report: runs/local-tiny/delta_report.md"
 
 test: venv
-	$(BIN)/pytest -q --cov=job --cov-report=term --cov-fail-under=80
+	$(BIN)/pytest -q --durations=15 --cov=job --cov-report=term --cov-fail-under=80
 
 # Throughput, start-up, data and decoding figures -> BENCHMARKS.json / BENCHMARKS.md (~10-15 min on 2 cores).
 bench: venv

@@ -40,6 +40,9 @@ def cmd_run(args) -> int:
     # period and be killed. The run installs its own handler (stop after the current step) once it starts.
     previous = signal.signal(signal.SIGTERM, _sigterm_before_the_run)
     try:
+        from job import distributed
+
+        distributed.start()  # before any other JAX use; nothing happens on one process
         from job.run import run_job
 
         return run_job(_manifest_uri(args), args.set, fresh=args.fresh)
