@@ -8,6 +8,7 @@ real Gemma 3 size whose weights come from `model.weights_uri` (weights.py reads 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +16,7 @@ import qwix
 from flax import nnx
 from tunix.models.dummy_model_creator import create_dummy_model
 from tunix.models.gemma3 import model as gemma3
+from tunix.utils import sharding_utils
 
 from job import distributed, io, weights
 from job.errors import BadInput
@@ -52,6 +54,76 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float, module_path: str, see
     return lora_model
 
 
+# --- a faster backward pass on CPU ----------------------------------------------------------------
+# The gradient of a projection's weight needs one of its operands transposed. XLA:CPU fuses the
+# MLP's elementwise backward (GELU, gating) into that transposed copy, and the fused loop, strided
+# over four inputs, costs ~20 ms per layer on the tiny model: more than the layer's matmuls. Passing
+# the output gradient through an optimization barrier inside a custom VJP keeps the two apart (the
+# plain transpose is cheap): the dense step is ~1.35x faster (BENCHMARKS.md). The forward is the
+# same dot_general (bit-identical outputs, so decoding is unchanged); gradients are the same sums,
+# in a possibly different order. Only for full fine-tuning on CPU: with LoRA the base weights get
+# no gradient, and qwix must see the projections called as they are.
+
+def _dot(x: jax.Array, kernel: jax.Array, precision) -> jax.Array:
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _project(x: jax.Array, kernel: jax.Array, precision) -> jax.Array:
+    return _dot(x, kernel, precision)
+
+
+def _project_forward(x, kernel, precision):
+    return _dot(x, kernel, precision), (x, kernel)
+
+
+def _project_backward(precision, saved, grad_out):
+    # Written out: JAX's own transpose rule for dot_general brings back the slow fused copy.
+    x, kernel = saved
+    grad_out = jax.lax.optimization_barrier(grad_out)
+    grad_x = jax.lax.dot_general(grad_out, kernel, (((grad_out.ndim - 1,), (1,)), ((), ())), precision=precision)
+    rows = tuple(range(x.ndim - 1))
+    if x.shape[-1] > grad_out.shape[-1]:  # transpose the narrower operand (and the small result)
+        grad_kernel = jax.lax.dot_general(grad_out, x, ((rows, rows), ((), ())), precision=precision).T
+    else:
+        grad_kernel = jax.lax.dot_general(x, grad_out, ((rows, rows), ((), ())), precision=precision)
+    return grad_x, grad_kernel
+
+
+_project.defvjp(_project_forward, _project_backward)
+
+
+def _linear(layer: nnx.Linear, x: jax.Array) -> jax.Array:
+    """`layer(x)` for a bias-free nnx.Linear, through `_project`."""
+    x, kernel, _ = layer.promote_dtype((x, layer.kernel[...], None), dtype=layer.dtype)
+    return _project(x, kernel, layer.precision)
+
+
+_feed_forward_block = gemma3.FeedForward.block
+
+
+def _feed_forward_block_cpu(self, x):
+    """Tunix's FeedForward.block (tunix 0.1.7), its projections through `_linear` when enabled."""
+    if not getattr(self, "cpu_friendly_backward", False):
+        return _feed_forward_block(self, x)
+    activations = nnx.gelu(_linear(self.gate_proj, x)) * _linear(self.up_proj, x)
+    activations = sharding_utils.shard(activations, self.config.shd_config.act_btf)
+    return _linear(self.down_proj, activations)
+
+
+gemma3.FeedForward.block = _feed_forward_block_cpu
+
+
+def use_cpu_friendly_backward(model: nnx.Module) -> int:
+    """Turn the faster CPU backward on for every MLP of a Gemma 3 model; returns how many."""
+    layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, gemma3.FeedForward)]
+    for layer in layers:
+        if any(p.bias is not None for p in (layer.gate_proj, layer.up_proj, layer.down_proj)):
+            raise ValueError("the CPU backward expects bias-free MLP projections (Gemma 3)")
+        layer.cpu_friendly_backward = True
+    return len(layers)
+
+
 def parameter_count(model: nnx.Module, kind: type = nnx.Param) -> int:
     return sum(x.size for x in jax.tree.leaves(nnx.state(model, kind)))
 
@@ -79,6 +151,8 @@ def build_model(spec, lora, seed: int, vocab_size: int, cache_dir: str) -> Built
         model, base = _load(spec, config, cache_dir, base)
     if lora is not None:
         model = apply_lora(model, lora.rank, lora.alpha, lora.module_path, seed)
+    elif jax.default_backend() == "cpu":
+        use_cpu_friendly_backward(model)
     return BuiltModel(model, config, base)
 
 

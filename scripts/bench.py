@@ -94,6 +94,18 @@ def write_dataset(path: Path, records: int, seed: int, median: float = 60, sigma
             f.write(json.dumps(record) + "\n")
 
 
+def write_large_copy(source: Path, target: Path, size: int) -> None:
+    """`source`'s records repeated (ids made unique) until `target` holds at least `size` bytes."""
+    lines = source.read_text(encoding="utf-8").splitlines()
+    written, copy = 0, 0
+    with target.open("w", encoding="utf-8") as f:
+        while written < size:
+            chunk = "".join(line.replace('"id": "syn-', f'"id": "c{copy}-syn-', 1) + "\n" for line in lines)
+            f.write(chunk)
+            written += len(chunk.encode("utf-8"))
+            copy += 1
+
+
 def write_manifest(work: Path, name: str, overrides: dict) -> Path:
     manifest = {
         "schema_version": 1, "run_id": name, "seed": 7,
@@ -150,6 +162,7 @@ def worker_train(args: dict) -> dict:
     first_step_at = {}
     import jax
     import numpy as np
+    from flax import nnx
 
     from job.dataset import training_batches
     from job.manifest import load_manifest
@@ -162,6 +175,10 @@ def worker_train(args: dict) -> dict:
     m = load_manifest(args["manifest"])
     tok = load_tokenizer(None)
     built = build_model(m.model, None, m.seed, tok.vocab_size, tempfile.gettempdir())
+    if args.get("tunix_mlp_backward"):  # measure what the job's CPU backward (model.py) saves
+        for _, layer in nnx.iter_graph(built.model):
+            if hasattr(layer, "cpu_friendly_backward"):
+                layer.cpu_friendly_backward = False
     counted: list[tuple[int, int, int, int]] = []  # per batch: padded, non-pad, loss tokens, examples
 
     def counting(stream):
@@ -322,6 +339,7 @@ def bench(quick: bool) -> dict:
         "data_repeats": 1 if quick else 3, "decode_repeats": 2 if quick else 3, "decode_batch": 16,
         "single_prompts": 2 if quick else 4, "max_new_tokens": 16 if quick else 32,
         "batch_size": 2 if quick else 8, "max_seq_len": 512, "dense_steps": 6 if quick else 12,
+        "large_file_mb": 32 if quick else 1024,
     }
     results: dict = {"plan": plan}
     with tempfile.TemporaryDirectory(prefix="tunix-bench-") as tmp:
@@ -355,19 +373,21 @@ def bench(quick: bool) -> dict:
         results["train"] = train
 
         # The dense step under candidate settings, each in a fresh process (XLA reads its flags once).
-        variants = {"bf16 params (model.dtype=bfloat16)": ({"model.dtype": "bfloat16"}, {})}
+        # Values: manifest overrides, environment, worker arguments.
+        variants = {"bf16 params (model.dtype=bfloat16)": ({"model.dtype": "bfloat16"}, {}, {}),
+                    "Tunix's own MLP backward (the job's CPU backward off)": ({}, {}, {"tunix_mlp_backward": True})}
         if not quick:
             for flag in XLA_CANDIDATES:
-                variants[f"XLA_FLAGS={flag}"] = ({}, {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()})
+                variants[f"XLA_FLAGS={flag}"] = ({}, {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()}, {})
         results["dense_variants"] = {}
-        for k, (label, (over, extra)) in enumerate(variants.items()):
+        for k, (label, (over, extra, worker_args)) in enumerate(variants.items()):
             log(f"dense step variant: {label}")
             write_manifest(work, f"variant-{k}", {"training.steps": plan["dense_steps"], "training.batch_size": 8,
                                                   "training.max_seq_len": 128, "training.length_policy": "truncate",
                                                   **over})
             try:
                 result, _ = run_worker("train", {"manifest": str(work / f"variant-{k}.json"),
-                                                 "work": str(work / f"variant-{k}")}, {**env, **extra})
+                                                 "work": str(work / f"variant-{k}"), **worker_args}, {**env, **extra})
                 results["dense_variants"][label] = result["step_s"]
             except RuntimeError as err:  # a flag this XLA does not know: say so, go on
                 results["dense_variants"][label] = str(err).splitlines()[0]
@@ -387,6 +407,12 @@ def bench(quick: bool) -> dict:
         log("data pipeline")
         results["data"], _ = run_worker("data", {"manifest": str(work / "packed.json"), "repeats": plan["data_repeats"],
                                                  "gcs": True}, env)
+        log(f"data pipeline memory on a {plan['large_file_mb']} MB file")
+        write_large_copy(work / "train.jsonl", work / "large.jsonl", plan["large_file_mb"] << 20)
+        write_manifest(work, "large", {"dataset.uri": str(work / "large.jsonl")})
+        results["data_large"], _ = run_worker("data", {"manifest": str(work / "large.json"), "repeats": 1}, env,
+                                              timeout=3600)
+        (work / "large.jsonl").unlink()
         log("eval decoding")
         results["decode"], _ = run_worker("decode", {"batch": plan["decode_batch"], "single_prompts": plan["single_prompts"],
                                                      "max_new_tokens": plan["max_new_tokens"],
@@ -433,6 +459,9 @@ def summarize(raw: dict) -> dict:
         "warm_compile_to_first_step_s": med(compiles["warm"]),
         "data_records_per_s": med(data["local"]["records_per_s"]),
         "data_gcs_records_per_s": med(data["gcs"]["records_per_s"]) if "gcs" in data else None,
+        "data_large_file_mb": raw["data_large"]["local"]["bytes"] / 2**20,
+        "data_large_rss_growth_mb": raw["data_large"]["local"]["rss_growth_mb"],
+        "data_rss_growth_mb": data["local"]["rss_growth_mb"],
         "train_records_per_s": train["packed"]["records_per_s"],
         "decode_batched_tokens_per_s": med(decode["batched"]["tokens_per_s"]),
         "decode_single_tokens_per_s": med(decode["single"]["tokens_per_s"]),
@@ -513,6 +542,9 @@ def markdown(report: dict) -> str:
          f"{rng(d['data']['local']['records_per_s'], 0)} / "
          + (f"{rng(d['data']['gcs']['records_per_s'], 0)}" if "gcs" in d["data"] else "n/a")
          + f" records/s; training consumes {f(s['train_records_per_s'])}"),
+        ("data pipeline memory: peak RSS growth reading the dataset / a large copy of it",
+         f"{f(s['data_rss_growth_mb'], 0)} MB on {f(d['data']['local']['bytes'] / 2**20)} MB / "
+         f"{f(s['data_large_rss_growth_mb'], 0)} MB on {f(s['data_large_file_mb'], 0)} MB"),
         ("eval decoding (greedy): batched / one prompt at a time",
          f"{rng(d['decode']['batched']['tokens_per_s'], 0)} / {rng(d['decode']['single']['tokens_per_s'], 0)} tokens/s"),
         ("peak RSS (largest worker)", f"{f(s['peak_rss_mb'], 0)} MB"),

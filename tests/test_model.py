@@ -1,0 +1,67 @@
+"""The model stage: the CPU-friendly backward of the Gemma 3 MLP computes what Tunix's own does."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from tunix.models.gemma3 import model as gemma3
+from tunix.sft.peft_trainer import _default_loss_fn
+
+from job.manifest import LoraSpec, ModelSpec
+from job.model import build_model
+
+VOCAB = 512
+
+
+def _batch(rows: int = 2, length: int = 32):
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(3, VOCAB, (rows, length)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(length), (rows, length))
+    attention = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), jnp.bool_)), (rows, length, length))
+    return tokens, jnp.ones((rows, length), jnp.bool_), positions, attention
+
+
+def _mlps(model) -> list[gemma3.FeedForward]:
+    return [m for _, m in nnx.iter_graph(model) if isinstance(m, gemma3.FeedForward)]
+
+
+def _loss_and_grads(model):
+    """Loss, gradients, and how many custom-VJP projections the traced step holds."""
+    graph, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p):
+        return _default_loss_fn(nnx.merge(graph, p, rest), *_batch())
+
+    custom = str(jax.make_jaxpr(loss)(params)).count("custom_vjp_call")
+    value, grads = jax.jit(jax.value_and_grad(loss))(params)
+    return value, jax.tree.leaves(grads), custom
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_the_cpu_backward_gives_tunix_loss_and_gradients(dtype):
+    model = build_model(ModelSpec(preset="tiny", dtype=dtype), None, 3, VOCAB, "/nonexistent").model
+    mlps = _mlps(model)
+    assert len(mlps) == 6 and all(m.cpu_friendly_backward for m in mlps)  # on by default on CPU, full FT
+    fast_loss, fast_grads, custom = _loss_and_grads(model)
+    assert custom == 3 * 6  # gate, up and down projections of every layer
+    for m in mlps:
+        m.cpu_friendly_backward = False
+    tunix_loss, tunix_grads, custom = _loss_and_grads(model)
+    assert custom == 0
+
+    assert fast_loss == tunix_loss  # the forward is the same dot_general: same bits
+    tolerance = {"float32": 1e-5, "bfloat16": 2e-2}[dtype]
+    for fast, tunix in zip(fast_grads, tunix_grads, strict=True):
+        fast, tunix = np.asarray(fast, np.float32), np.asarray(tunix, np.float32)
+        scale = np.abs(tunix).max() + 1e-12
+        assert np.abs(fast - tunix).max() <= tolerance * scale
+
+
+def test_lora_models_keep_tunix_projections_for_qwix():
+    lora = LoraSpec(rank=4, alpha=8.0)
+    model = build_model(ModelSpec(preset="tiny", dtype="float32"), lora, 3, VOCAB, "/nonexistent").model
+    assert not any(getattr(m, "cpu_friendly_backward", False) for m in _mlps(model))
+    assert any(isinstance(v, nnx.LoRAParam) for _, v in nnx.iter_graph(model))
