@@ -47,9 +47,10 @@ def random_model(config: gemma3.ModelConfig, seed: int, dtype: str) -> gemma3.Ge
 
 def apply_lora(model: nnx.Module, rank: int, alpha: float, module_path: str, seed: int) -> nnx.Module:
     """Wrap the matching projections with LoRA adapters (qwix); the trainer then trains only those."""
+    use_cpu_friendly_backward(model, False)  # qwix must see the projections called as Tunix calls them
     provider = qwix.LoraProvider(module_path=module_path, rank=rank, alpha=alpha)
     lora_model = qwix.apply_lora_to_model(model, provider, rngs=nnx.Rngs(seed), **model.get_model_input())
-    if not any(isinstance(v, nnx.LoRAParam) for _, v in nnx.iter_graph(lora_model)):
+    if not has_lora(lora_model):
         raise BadInput(f"training.lora.module_path: {module_path!r} matches no layer of the model")
     return lora_model
 
@@ -114,13 +115,17 @@ def _feed_forward_block_cpu(self, x):
 gemma3.FeedForward.block = _feed_forward_block_cpu
 
 
-def use_cpu_friendly_backward(model: nnx.Module) -> int:
-    """Turn the faster CPU backward on for every MLP of a Gemma 3 model; returns how many."""
+def has_lora(model: nnx.Module) -> bool:
+    return any(isinstance(v, nnx.LoRAParam) for _, v in nnx.iter_graph(model))
+
+
+def use_cpu_friendly_backward(model: nnx.Module, on: bool = True) -> int:
+    """Turn the faster CPU backward on (or off) for every MLP of a Gemma 3 model; returns how many."""
     layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, gemma3.FeedForward)]
     for layer in layers:
-        if any(p.bias is not None for p in (layer.gate_proj, layer.up_proj, layer.down_proj)):
+        if on and any(p.bias is not None for p in (layer.gate_proj, layer.up_proj, layer.down_proj)):
             raise ValueError("the CPU backward expects bias-free MLP projections (Gemma 3)")
-        layer.cpu_friendly_backward = True
+        layer.cpu_friendly_backward = on
     return len(layers)
 
 
@@ -151,7 +156,7 @@ def build_model(spec, lora, seed: int, vocab_size: int, cache_dir: str) -> Built
         model, base = _load(spec, config, cache_dir, base)
     if lora is not None:
         model = apply_lora(model, lora.rank, lora.alpha, lora.module_path, seed)
-    elif jax.default_backend() == "cpu":
+    if jax.default_backend() == "cpu" and not has_lora(model):  # (a LoRA final/ loads with its adapter)
         use_cpu_friendly_backward(model)
     return BuiltModel(model, config, base)
 

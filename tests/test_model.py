@@ -11,7 +11,7 @@ from tunix.models.gemma3 import model as gemma3
 from tunix.sft.peft_trainer import _default_loss_fn
 
 from job.manifest import LoraSpec, ModelSpec
-from job.model import build_model
+from job.model import apply_lora, build_model
 
 VOCAB = 512
 
@@ -64,4 +64,11 @@ def test_lora_models_keep_tunix_projections_for_qwix():
     lora = LoraSpec(rank=4, alpha=8.0)
     model = build_model(ModelSpec(preset="tiny", dtype="float32"), lora, 3, VOCAB, "/nonexistent").model
     assert not any(getattr(m, "cpu_friendly_backward", False) for m in _mlps(model))
-    assert any(isinstance(v, nnx.LoRAParam) for _, v in nnx.iter_graph(model))
+    # An adapter loaded onto a base model built first (final/ of a LoRA run) takes the same path.
+    base = build_model(ModelSpec(preset="tiny", dtype="float32"), None, 3, VOCAB, "/nonexistent").model
+    assert all(m.cpu_friendly_backward for m in _mlps(base))
+    adapted = apply_lora(base, lora.rank, lora.alpha, lora.module_path, 3)
+    assert not any(m.cpu_friendly_backward for m in _mlps(adapted))
+    for mlp in _mlps(adapted):  # every MLP projection got its adapter
+        names = {path[-1] for path, v in nnx.iter_graph(mlp) if isinstance(v, nnx.LoRAParam)}
+        assert names == {"kernel_lora_a", "kernel_lora_b"}
