@@ -162,11 +162,10 @@ def worker_train(args: dict) -> dict:
     first_step_at = {}
     import jax
     import numpy as np
-    from flax import nnx
 
     from job.dataset import training_batches
     from job.manifest import load_manifest
-    from job.model import build_model, parameter_count
+    from job.model import build_model, parameter_count, use_cpu_friendly_backward
     from job.run import configure_compile_cache
     from job.tokens import load_tokenizer
     from job.train import Trainer
@@ -176,9 +175,7 @@ def worker_train(args: dict) -> dict:
     tok = load_tokenizer(None)
     built = build_model(m.model, None, m.seed, tok.vocab_size, tempfile.gettempdir())
     if args.get("tunix_mlp_backward"):  # measure what the job's CPU backward (model.py) saves
-        for _, layer in nnx.iter_graph(built.model):
-            if hasattr(layer, "cpu_friendly_backward"):
-                layer.cpu_friendly_backward = False
+        use_cpu_friendly_backward(built.model, False)
     counted: list[tuple[int, int, int, int]] = []  # per batch: padded, non-pad, loss tokens, examples
 
     def counting(stream):
