@@ -98,6 +98,10 @@ class _LibraryHandler(logging.Handler):
         if record.exc_info and record.exc_info[1] is not None:
             fields["error"] = f"{type(record.exc_info[1]).__name__}: {record.exc_info[1]}"
         severity = {"CRITICAL": "CRITICAL", "ERROR": "ERROR", "WARNING": "WARNING"}.get(record.levelname, "INFO")
+        if record.name == "asyncio" and "exception was never retrieved" in message:
+            # A storage call the retry layer gave up on leaves its task behind; asyncio reports it when the
+            # task is collected, often after the run's own final error, which must stay the last ERROR.
+            severity = "WARNING"
         log(message, severity, **fields)
 
 

@@ -87,3 +87,14 @@ def test_library_log_records_are_redacted_and_carry_no_traceback(capsys):
     assert line["severity"] == "ERROR" and line["logger"] == "gcsfs"
     assert line["error"].startswith("ConnectionError: https://REDACTED@host")
     assert "Traceback" not in json.dumps(line) and "hunter2pass" not in json.dumps(line)
+
+
+def test_an_abandoned_storage_task_is_a_warning_not_the_runs_error(capsys):
+    import logging
+
+    logs.capture_library_logs()
+    logs.error("gs://b/x: storage error after retries; run the job again")
+    logging.getLogger("asyncio").error("Task exception was never retrieved\nfuture: <Task finished>")
+    lines = [json.loads(x) for x in capsys.readouterr().err.splitlines()]
+    assert [x["severity"] for x in lines] == ["ERROR", "WARNING"]
+    assert "run the job again" in [x for x in lines if x["severity"] == "ERROR"][-1]["message"]
