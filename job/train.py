@@ -20,10 +20,12 @@ import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.interpreters import pxla
 from tunix.sft import peft_trainer
 
 from job import distributed
 from job.manifest import TrainingSpec
+from job.step_cache import CachedStep
 from job.tokens import Batch
 
 
@@ -159,6 +161,24 @@ class TrainResult:
     stopped_early: bool  # a stop was requested (preemption): the checkpoint at end_step is the resume point
 
 
+class _PeftTrainer(peft_trainer.PeftTrainer):
+    """Tunix's trainer, its train and eval steps compiled through step_cache (warm starts) instead of
+    nnx.jit: the same step functions, traced once per cache key rather than once per process."""
+
+    def __init__(self, *args, cache_key: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.cache_key = cache_key
+
+    def jit_train_and_eval_step(self, skip_jit: bool = False, cache_nnx_graph: bool = False):
+        if self._jitted_train_step_fn is None:
+            self._shard_optimizer(pxla.thread_resources.env.physical_mesh)  # as Tunix does before jitting
+            self._jitted_train_step_fn = CachedStep("train", self.create_train_step_fn(),
+                                                    (self.model, self.optimizer), True, self.cache_key)
+            self._jitted_eval_step_fn = CachedStep("eval", self.create_eval_step_fn(), (self.model,), False,
+                                                   self.cache_key)
+        return self._jitted_train_step_fn, self._jitted_eval_step_fn
+
+
 class Trainer:
     """Owns the Tunix trainer for one run. Setting `stop` (from a signal handler, say) ends training
     after the step in flight, with a checkpoint of it."""
@@ -181,7 +201,7 @@ class Trainer:
         )
         self.spec = spec
         self.hooks = _Hooks(spec, on_step, on_eval, eval_batches, stop)
-        self.trainer = peft_trainer.PeftTrainer(model, optimizer(spec), config)
+        self.trainer = _PeftTrainer(model, optimizer(spec), config, cache_key={"training": spec.model_dump(mode="json")})
         self.trainer.with_gen_model_input_fn(model_inputs)
         self.trainer.with_training_hooks(self.hooks)
         self._report_before_checkpoints(on_step, on_checkpoint)
@@ -219,7 +239,8 @@ class Trainer:
             # evaluates the restored model first: the final eval loss is measured again, not lost.
             batches = prefetch(train_batches)
             try:
-                self.trainer.train(batches, eval_batches or None)
+                # skip_jit: the steps are compiled by _PeftTrainer; it only skips Tunix's nnx.jit cache report.
+                self.trainer.train(batches, eval_batches or None, skip_jit=True)
             finally:
                 batches.close()
         else:

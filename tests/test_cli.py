@@ -355,3 +355,14 @@ def test_an_unexpected_error_exits_1_with_its_traceback_logged(capsys, monkeypat
     assert code == 1 and out == ""
     assert "unexpected error: RuntimeError: schema generator broke" in errors(logs)
     assert "Traceback" in logs[-1]["traceback"]
+
+
+def test_the_job_starts_without_tunix_rl_stack():
+    # tunix's package __init__ imports its RL and distillation trainers (and pandas): seconds of every start.
+    import subprocess
+    import sys
+
+    code = "import sys, job.cli, job.run; print(sorted({m.split('.')[0] if m == 'pandas' else m for m in sys.modules}))"
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "'tunix.sft.peft_trainer'" in loaded and "'tunix.generate.sampler'" in loaded
+    assert "'pandas'" not in loaded and "'tunix.rl" not in loaded and "'tunix.distillation" not in loaded

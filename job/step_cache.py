@@ -1,0 +1,125 @@
+"""Warm starts: the train and eval steps exported once, loaded by every later start.
+
+JAX's persistent compilation cache ($JAX_COMPILATION_CACHE_DIR, set up by run.configure_compile_cache)
+spares a retried, resumed or repeated run XLA's compile, but not the Python tracing and lowering
+in front of it: seconds of every start. So each step runs as a `jax.export` of itself, saved next
+to that cache under a key of everything that shapes the program (this package's code, the library
+versions, the model's structure, the shapes of its state and inputs, the training section of the
+manifest, the devices). A start that finds it skips tracing and lowering; the compile cache then
+supplies the executable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+
+from job import distributed, io, logs
+
+CACHE_SUBDIR = "exported-steps"
+KEYED_PACKAGES = ("jax", "jaxlib", "flax", "google-tunix", "optax", "qwix")
+
+
+class CachedStep:
+    """`fn(*objs, inputs)`, a Tunix step that updates the nnx objects `objs` in place, run as one
+    compiled program per input shape.
+
+    As nnx.jit does, the objects' state goes in and (when `updates`, donated) comes back out with the
+    step's outputs and is written back into them.
+    """
+
+    def __init__(self, name: str, fn: Callable, objs: tuple, updates: bool, key_parts: dict):
+        self.name, self.fn, self.objs, self.updates, self.key_parts = name, fn, objs, updates, key_parts
+        self._graphdef, state = nnx.split(objs)
+        self._state_tree = jax.tree.structure(state)
+        self._programs: dict[Any, Any] = {}
+
+    def __call__(self, inputs: Any) -> Any:
+        state_leaves = jax.tree.leaves(nnx.state(self.objs))
+        input_leaves, input_tree = jax.tree.flatten(inputs)
+        signature = (input_tree, tuple((getattr(x, "shape", ()), str(getattr(x, "dtype", type(x)))) for x in input_leaves))
+        if signature not in self._programs:
+            self._programs[signature] = self._compile(state_leaves, input_leaves, input_tree)
+        outputs = self._programs[signature](state_leaves, input_leaves)
+        if not self.updates:
+            return outputs
+        new_state_leaves, outputs = outputs
+        nnx.update(self.objs, jax.tree.unflatten(self._state_tree, new_state_leaves))
+        return outputs
+
+    def _pure(self, input_tree) -> Callable:
+        def step(state_leaves, input_leaves):
+            objs = nnx.merge(self._graphdef, jax.tree.unflatten(self._state_tree, state_leaves))
+            outputs = self.fn(*objs, jax.tree.unflatten(input_tree, input_leaves))
+            return (jax.tree.leaves(nnx.state(objs)), outputs) if self.updates else outputs
+        return step
+
+    def _compile(self, state_leaves: list, input_leaves: list, input_tree) -> Callable:
+        state_avals, input_avals = _avals(state_leaves), _avals(input_leaves)
+        uri = self._cache_uri(state_avals, input_avals, input_tree)
+        exported = _load(uri) if uri else None
+        if exported is None:
+            exported = jax.export.export(jax.jit(self._pure(input_tree)))(state_avals, input_avals)
+            if uri and distributed.is_main():
+                _save(uri, exported)
+        donate = (0,) if self.updates else ()
+        return jax.jit(exported.call, donate_argnums=donate).lower(state_leaves, input_leaves).compile()
+
+    def _cache_uri(self, state_avals: list, input_avals: list, input_tree) -> str | None:
+        root = jax.config.jax_compilation_cache_dir
+        if not root:
+            return None
+        parts = {
+            "step": self.name, **self.key_parts,
+            "code": _code_digest(), "versions": _versions(),
+            "devices": [(d.platform, d.device_kind) for d in jax.devices()], "processes": jax.process_count(),
+            "tracing": [jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision],
+            # nnx's repr of the graph names functions by address: drop the addresses.
+            "graph": re.sub(r"0x[0-9a-f]+", "", repr(self._graphdef)),
+            "state": [str(a) for a in state_avals], "inputs": [str(input_tree), *map(str, input_avals)],
+        }
+        key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+        return io.join(root, CACHE_SUBDIR, f"{self.name}-{key[:32]}.jaxexport")
+
+
+def _avals(leaves: list) -> list[jax.ShapeDtypeStruct]:
+    return [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if isinstance(x, jax.Array) else None)
+            for x in leaves]
+
+
+def _load(uri: str) -> jax.export.Exported | None:
+    """The exported step at `uri`, or None when there is none or it cannot be read (a cache is optional)."""
+    try:
+        if not io.exists(uri):
+            return None
+        return jax.export.deserialize(bytearray(io.read_bytes(uri)))
+    except Exception as err:  # noqa: BLE001 - unreadable: export again
+        logs.warning("exported step unreadable; tracing it again", uri=uri, error=f"{type(err).__name__}: {err}")
+        return None
+
+
+def _save(uri: str, exported: jax.export.Exported) -> None:
+    try:
+        io.write_bytes(uri, bytes(exported.serialize()))
+    except Exception as err:  # noqa: BLE001 - the run goes on without it
+        logs.warning("could not save the exported step; the next start traces it again", uri=uri,
+                     error=f"{type(err).__name__}: {err}")
+
+
+def _code_digest() -> str:
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _versions() -> dict:
+    return {name: importlib.metadata.version(name) for name in KEYED_PACKAGES}
