@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from job import distributed, io, logs
 
@@ -55,11 +56,17 @@ class CachedStep:
         nnx.update(self.objs, jax.tree.unflatten(self._state_tree, new_state_leaves))
         return outputs
 
-    def _pure(self, input_tree) -> Callable:
+    def _pure(self, input_tree, state_avals: list) -> Callable:
         def step(state_leaves, input_leaves):
             objs = nnx.merge(self._graphdef, jax.tree.unflatten(self._state_tree, state_leaves))
             outputs = self.fn(*objs, jax.tree.unflatten(input_tree, input_leaves))
-            return (jax.tree.leaves(nnx.state(objs)), outputs) if self.updates else outputs
+            if not self.updates:
+                return outputs
+            # The state leaves as it came in: left to itself, XLA may lay a sharded output out otherwise,
+            # and the next step would no longer match this program.
+            new_state = [jax.lax.with_sharding_constraint(x, a.sharding) if isinstance(a.sharding, NamedSharding) else x
+                         for x, a in zip(jax.tree.leaves(nnx.state(objs)), state_avals)]
+            return new_state, outputs
         return step
 
     def _compile(self, state_leaves: list, input_leaves: list, input_tree) -> Callable:
@@ -67,7 +74,7 @@ class CachedStep:
         uri = self._cache_uri(state_avals, input_avals, input_tree)
         exported = _load(uri) if uri else None
         if exported is None:
-            exported = jax.export.export(jax.jit(self._pure(input_tree)))(state_avals, input_avals)
+            exported = jax.export.export(jax.jit(self._pure(input_tree, state_avals)))(state_avals, input_avals)
             if uri and distributed.is_main():
                 _save(uri, exported)
         donate = (0,) if self.updates else ()
