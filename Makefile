@@ -26,7 +26,7 @@ demo: venv
 test: venv
 	$(BIN)/pytest -q --durations=15 --cov=job --cov-report=term --cov-fail-under=80
 
-# Throughput, start-up, data and decoding figures -> BENCHMARKS.json / BENCHMARKS.md (~10-15 min on 2 cores).
+# Throughput, start-up, data and decoding figures -> BENCHMARKS.json / BENCHMARKS.md (~20 min on 2 cores).
 bench: venv
 	$(BIN)/python scripts/bench.py $(BENCH_ARGS)
 

@@ -69,7 +69,7 @@ def apply_lora(model: nnx.Module, rank: int, alpha: float, module_path: str, see
 # MLP's elementwise backward (GELU, gating) into that transposed copy, and the fused loop, strided
 # over four inputs, costs ~20 ms per layer on the tiny model: more than the layer's matmuls. Passing
 # the output gradient through an optimization barrier inside a custom VJP keeps the two apart (the
-# plain transpose is cheap): the dense step is ~1.2x faster (BENCHMARKS.md). The forward is the
+# plain transpose is cheap): the dense step is 1.1-1.2x faster (BENCHMARKS.md). The forward is the
 # same dot_general (bit-identical outputs, so decoding is unchanged); gradients are the same sums,
 # in a possibly different order. Only for full fine-tuning on CPU: with LoRA the base weights get
 # no gradient, and qwix must see the projections called as they are.

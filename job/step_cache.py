@@ -62,8 +62,8 @@ class CachedStep:
             outputs = self.fn(*objs, jax.tree.unflatten(input_tree, input_leaves))
             if not self.updates:
                 return outputs
-            # The state leaves as it came in: left to itself, XLA may lay a sharded output out otherwise,
-            # and the next step would no longer match this program.
+            # The state leaves laid out as it came in: left to itself XLA may shard an output otherwise,
+            # and the next step's state would no longer match this program.
             new_state = [jax.lax.with_sharding_constraint(x, a.sharding) if isinstance(a.sharding, NamedSharding) else x
                          for x, a in zip(jax.tree.leaves(nnx.state(objs)), state_avals)]
             return new_state, outputs
