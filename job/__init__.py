@@ -7,8 +7,8 @@ __version__ = "0.1.0"
 
 
 def _register_tunix_without_its_init() -> None:
-    """Tunix's package __init__ imports its RL and distillation trainers (and pandas with them): ~1.2 s
-    of every start, none of it used here. Register the package without running that file; its
+    """Tunix's package __init__ imports its RL and distillation trainers (and pandas with them): over a
+    second of every start, none of it used here. Register the package without running that file; its
     submodules (tunix.sft, tunix.generate, tunix.models) import as usual."""
     if "tunix" not in sys.modules and (spec := importlib.util.find_spec("tunix")) is not None:
         sys.modules["tunix"] = importlib.util.module_from_spec(spec)

@@ -114,7 +114,8 @@ def configure_compile_cache() -> str | None:
     """JAX's persistent compilation cache in $JAX_COMPILATION_CACHE_DIR (a local path, or gs://...), if given.
 
     A retried, resumed or repeated run then loads the train step and the sampler instead of
-    compiling them again (and step_cache keeps the exported train and eval steps there too). Every compilation is cached (JAX skips those under 1 s by default;
+    compiling them again (step_cache keeps the exported train and eval steps there too). Every
+    compilation is cached (JAX skips those under 1 s by default;
     $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS still wins when set).
     """
     path = os.environ.get("JAX_COMPILATION_CACHE_DIR")
