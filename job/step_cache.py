@@ -11,6 +11,7 @@ supplies the executable.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -121,6 +122,7 @@ def _save(uri: str, exported: jax.export.Exported) -> None:
                      error=f"{type(err).__name__}: {err}")
 
 
+@functools.cache  # constant for the process; read once, not per compiled step
 def _code_digest() -> str:
     digest = hashlib.sha256()
     for path in sorted(Path(__file__).parent.rglob("*.py")):
@@ -128,5 +130,6 @@ def _code_digest() -> str:
     return digest.hexdigest()
 
 
+@functools.cache
 def _versions() -> dict:
     return {name: importlib.metadata.version(name) for name in KEYED_PACKAGES}
