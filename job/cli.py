@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import signal
+import threading
 import sys
 import traceback
 from collections.abc import Sequence
@@ -27,11 +28,14 @@ def _manifest_uri(args) -> str:
     return uri
 
 
+_stop_requested = threading.Event()
+
+
 def _sigterm_before_the_run(signum, frame) -> None:
-    # SystemExit, not an Exception: a library's broad `except Exception` cannot swallow it.
-    logs.warning("SIGTERM before the run started: nothing to save; run the same manifest again",
-                 exit_code=EXIT_RETRIABLE)
-    raise SystemExit(EXIT_RETRIABLE)
+    # Noted, not raised: an exception raised here can land inside a library's broad `except` and be
+    # swallowed (it was: the run went on). run_job stops at its first boundary; the run shares the flag.
+    logs.warning("SIGTERM before the run started: stopping")
+    _stop_requested.set()
 
 
 def cmd_run(args) -> int:
@@ -45,7 +49,7 @@ def cmd_run(args) -> int:
         distributed.start()  # before any other JAX use; nothing happens on one process
         from job.run import run_job
 
-        return run_job(_manifest_uri(args), args.set, fresh=args.fresh)
+        return run_job(_manifest_uri(args), args.set, fresh=args.fresh, stop=_stop_requested)
     finally:
         signal.signal(signal.SIGTERM, previous)
 

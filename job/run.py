@@ -127,15 +127,22 @@ def configure_compile_cache() -> str | None:
     return path
 
 
-def run_job(manifest_uri: str, overrides: list[str] = (), fresh: bool = False) -> int:
-    """Run a manifest to a finished run directory. Returns 0, or raises JobError with its exit code."""
+def run_job(manifest_uri: str, overrides: list[str] = (), fresh: bool = False,
+            stop: threading.Event | None = None) -> int:
+    """Run a manifest to a finished run directory. Returns 0, or raises JobError with its exit code.
+
+    `stop`, set by a SIGTERM that came before the run's own handler, stops it at its first boundary.
+    """
+    stop = stop or threading.Event()
     configure_compile_cache()
     m = load_manifest(manifest_uri, overrides)
     run_id = derive_run_id(m)
     run_uri = run_dir(m, run_id)
     if not fresh and _succeeded(run_uri):
         return 0
-    run = Run(m, run_id, run_uri, manifest_uri)
+    if stop.is_set():
+        raise Preempted("SIGTERM before the run started: nothing to save; run the same manifest again")
+    run = Run(m, run_id, run_uri, manifest_uri, stop)
     # Nothing is written (not even --fresh's removal) before the run's lease is held: process 0 holds it
     # for all the processes of a multi-host run.
     lease = Lease(run_uri, on_lost=run.lose_lease) if distributed.is_main() else contextlib.nullcontext()
@@ -159,14 +166,14 @@ def _succeeded(run_uri: str) -> bool:
 
 
 class Run:
-    def __init__(self, m: Manifest, run_id: str, run_uri: str, manifest_uri: str):
+    def __init__(self, m: Manifest, run_id: str, run_uri: str, manifest_uri: str, stop: threading.Event):
         self.m, self.run_id, self.run_uri, self.manifest_uri = m, run_id, run_uri, manifest_uri
         self.status = Status(run_uri, m.training.steps)
         self.metrics = Metrics(run_uri, m.training.log_every_steps)
         # Set by SIGTERM. Never raise from the signal handler: libraries (JAX's compile cache, for one)
         # catch broad exceptions and would swallow it. Training stops after its current step; other
         # phases stop at the next phase boundary.
-        self.stop = threading.Event()
+        self.stop = stop
         self.stop_reason = "SIGTERM"
         self.resumed_from = 0
         self.record: dict = {}
