@@ -299,7 +299,107 @@ def worker_decode(args: dict) -> dict:
     return out
 
 
-WORKERS = {"matmul": worker_matmul, "train": worker_train, "data": worker_data, "decode": worker_decode}
+def worker_profile(args: dict) -> dict:
+    """Where the dense step's time goes: each op of the compiled step timed under jax.profiler.
+
+    The step is Tunix's (its default loss, value_and_grad, the job's optimizer) jitted bare, on the
+    dense shape. Ops are joined to the compiled HLO by name: a fusion with a dot in it counts as a
+    dot (its FLOPs from the dot's shapes), everything else as other work. Op time is the time the
+    op held the thread that ran it, summed over threads; the step's wall time is on `threads` cores.
+    The MLP's forward matmul is also timed alone, for what the same dot reaches outside the step.
+    """
+    import collections
+    import re
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+    from tunix.sft.peft_trainer import _default_loss_fn
+
+    from job.manifest import ModelSpec, TrainingSpec
+    from job.model import build_model
+    from job.tokens import Batch, load_tokenizer
+    from job.train import model_inputs, optimizer
+
+    tok = load_tokenizer(None)
+    built = build_model(ModelSpec(preset="tiny", dtype="float32"), None, 7, tok.vocab_size, tempfile.gettempdir())
+    rows, length = args["batch"], args["length"]
+    tokens = np.random.default_rng(0).integers(3, tok.vocab_size, (rows, length), dtype=np.int32)
+    batch = Batch(input_tokens=tokens, input_mask=np.ones((rows, length), bool), segment_ids=np.ones((rows, length), np.int32),
+                  positions=np.broadcast_to(np.arange(length, dtype=np.int32), (rows, length)))
+    inputs = model_inputs(batch)
+    opt = nnx.Optimizer(built.model, optimizer(TrainingSpec(steps=100, warmup_steps=1)), wrt=nnx.Param)
+    graphdef, state = nnx.split((built.model, opt))
+
+    def step(state, inputs):
+        model, opt = nnx.merge(graphdef, state)
+        loss, grads = nnx.value_and_grad(_default_loss_fn)(model, **inputs)
+        opt.update(model, grads)
+        return nnx.state((model, opt)), loss
+
+    compiled = jax.jit(step, donate_argnums=0).lower(state, inputs).compile()
+    for _ in range(3):
+        state, loss = compiled(state, inputs)
+    loss.block_until_ready()
+    times = []
+    for _ in range(args["repeats"]):
+        t = time.perf_counter()
+        state, loss = compiled(state, inputs)
+        loss.block_until_ready()
+        times.append(time.perf_counter() - t)
+    traced = args["traced_steps"]
+    trace_dir = tempfile.mkdtemp(prefix="bench-profile-")
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(traced):
+        state, loss = compiled(state, inputs)
+    loss.block_until_ready()
+    jax.profiler.stop_trace()
+
+    # Each fusion's FLOPs, from the dots in its computation (f32[a,b] shapes, contracting dims).
+    hlo = compiled.as_text()
+    bodies = {m.group(1): m.group(2) for m in re.finditer(r"^%(\S+) \(.*?\) -> .*? \{\n(.*?)\n\}", hlo, re.M | re.S)}
+    dims = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    fusion_flops = {}
+    for m in re.finditer(r"%(\S+) = \S+ fusion\(.*?calls=%([^,\s]+)", hlo):
+        body = bodies.get(m.group(2), "")
+        shapes = dict(re.findall(r"%(\S+) = \w+\[([\d,]*)\]", body))
+        flops = 0
+        for d in re.finditer(r"= \w+\[([\d,]*)\]\S* dot\(%(\S+), %\S+\),.*?lhs_contracting_dims=\{([\d,]*)\}", body):
+            lhs = dims(shapes.get(d.group(2), ""))
+            flops += 2 * int(np.prod(dims(d.group(1)))) * int(np.prod([lhs[int(i)] for i in dims(d.group(3))]))
+        fusion_flops[m.group(1)] = flops
+
+    path = next(Path(trace_dir).rglob("*.xplane.pb"))
+    profile = jax.profiler.ProfileData.from_file(str(path))
+    op_ns = collections.Counter()
+    for plane in profile.planes:
+        for line in plane.lines:
+            for event in line.events:
+                if event.name in fusion_flops:
+                    op_ns[event.name] += event.duration_ns
+    dot_ns = sum(ns for name, ns in op_ns.items() if fusion_flops[name])
+    other_ns = sum(ns for name, ns in op_ns.items() if not fusion_flops[name])
+    dot_flops = sum(fusion_flops.values())
+
+    # The MLP's forward matmul alone: [tokens, embed] x [embed, hidden].
+    cfg = built.config
+    a = jnp.ones((rows * length, cfg.embed_dim), jnp.float32)
+    b = jnp.ones((cfg.embed_dim, cfg.hidden_dim), jnp.float32)
+    dot = jax.jit(jnp.dot)
+    dot(a, b).block_until_ready()
+    alone = []
+    for _ in range(20):
+        t = time.perf_counter()
+        dot(a, b).block_until_ready()
+        alone.append(2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - t) / 1e9)
+    return {"step_s": times, "threads": len(os.sched_getaffinity(0)), "dot_gflop_per_step": dot_flops / 1e9,
+            "dot_ms_per_step": dot_ns / traced / 1e6, "other_ms_per_step": other_ns / traced / 1e6,
+            "ops_profiled": len(op_ns), "mlp_matmul_alone_gflops": alone}
+
+
+WORKERS = {"matmul": worker_matmul, "train": worker_train, "data": worker_data, "decode": worker_decode,
+           "profile": worker_profile}
 
 
 # -------------------------------------------------------------------------------------- driver
@@ -376,18 +476,33 @@ def bench(quick: bool) -> dict:
         if not quick:
             for flag in XLA_CANDIDATES:
                 variants[f"XLA_FLAGS={flag}"] = ({}, {"XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip()}, {})
+        # Each variant is timed next to a run of the default (in turn before and after it), and its
+        # speedup taken against that neighbour: on a shared machine the speed drifts within minutes.
         results["dense_variants"] = {}
         for k, (label, (over, extra, worker_args)) in enumerate(variants.items()):
             log(f"dense step variant: {label}")
             write_manifest(work, f"variant-{k}", {"training.steps": plan["dense_steps"], "training.batch_size": 8,
                                                   "training.max_seq_len": 128, "training.length_policy": "truncate",
                                                   **over})
+            pair = {"variant": (work / f"variant-{k}.json", {**env, **extra}, worker_args),
+                    "default": (work / "dense.json", env, {})}
+            steps = {}
             try:
-                result, _ = run_worker("train", {"manifest": str(work / f"variant-{k}.json"),
-                                                 "work": str(work / f"variant-{k}"), **worker_args}, {**env, **extra})
-                results["dense_variants"][label] = result["step_s"]
+                for role in (["default", "variant"] if k % 2 == 0 else ["variant", "default"]):
+                    manifest, run_env, more = pair[role]
+                    result, _ = run_worker("train", {"manifest": str(manifest), "work": str(work / f"variant-{k}-{role}"),
+                                                     **more}, run_env)
+                    steps[role] = result["step_s"]
+                results["dense_variants"][label] = steps
             except RuntimeError as err:  # a flag this XLA does not know: say so, go on
                 results["dense_variants"][label] = str(err).splitlines()[0]
+
+        log("dense step profile")
+        try:
+            results["profile"], _ = run_worker("profile", {"batch": 8, "length": 128, "repeats": plan["dense_steps"],
+                                                           "traced_steps": 4}, env)
+        except RuntimeError as err:  # the profiler's format is not a stable API: report, go on
+            results["profile"] = str(err).splitlines()[0]
 
         starts: dict[str, list[dict]] = {"cold": [], "warm": []}
         for r in range(plan["start_repeats"]):
@@ -471,16 +586,33 @@ def summarize(raw: dict) -> dict:
         "decode_batched_vs_single": summary["decode_batched_tokens_per_s"] / summary["decode_single_tokens_per_s"],
         "dense_step_vs_f32_ceiling": summary["step_fraction_of_f32_ceiling"],
     }
-    dense = train["dense"]["step_s"]["median"]
-    summary["dense_step_variants"] = {
-        label: ({"step_s": spread(v), "speedup": dense / statistics.median(v)} if isinstance(v, list) else {"error": v})
-        for label, v in raw.get("dense_variants", {}).items()}
+    summary["dense_step_variants"] = variant_speedups(raw.get("dense_variants", {}))
+    summary["dense_step_profile"] = step_profile(raw["profile"]) if isinstance(raw.get("profile"), dict) else raw.get("profile")
     summary["detail"] = {"train": train, "matmul_cores_busy": mm["f32"]["cores_busy"],
                          "matmul_spread": {k: spread(v["gflops"]) for k, v in mm.items()},
                          "first_step_s": {k: spread(v) for k, v in starts.items()},
                          "data": {k: {**v, "records_per_s": spread(v["records_per_s"])} for k, v in data.items()},
                          "decode": {k: {**v, "tokens_per_s": spread(v["tokens_per_s"])} for k, v in decode.items()}}
     return summary
+
+
+def step_profile(p: dict) -> dict:
+    """Per step: time in dots and in other ops (summed over threads), the dots' rate per thread-second, busy share."""
+    step = statistics.median(p["step_s"])
+    busy_ms = p["dot_ms_per_step"] + p["other_ms_per_step"]
+    return {"step_s": step, "threads": p["threads"], "dot_gflop": p["dot_gflop_per_step"],
+            "dot_ms": p["dot_ms_per_step"], "other_ms": p["other_ms_per_step"],
+            "dot_gflops_per_busy_thread": p["dot_gflop_per_step"] / (p["dot_ms_per_step"] / 1e3),
+            "threads_busy_fraction": busy_ms / 1e3 / (step * p["threads"]),
+            "mlp_matmul_alone_gflops": statistics.median(p["mlp_matmul_alone_gflops"])}
+
+
+def variant_speedups(variants: dict) -> dict:
+    """Each variant's speedup over the default run timed beside it (not over the run's other default runs)."""
+    return {label: ({"step_s": spread(v["variant"]), "default_step_s": spread(v["default"]),
+                     "speedup": statistics.median(v["default"]) / statistics.median(v["variant"])}
+                    if isinstance(v, dict) else {"error": v})
+            for label, v in variants.items()}
 
 
 def machine() -> dict:
@@ -546,9 +678,19 @@ def markdown(report: dict) -> str:
          f"{rng(d['decode']['batched']['tokens_per_s'], 0)} / {rng(d['decode']['single']['tokens_per_s'], 0)} tokens/s"),
         ("peak RSS (largest worker)", f"{f(s['peak_rss_mb'], 0)} MB"),
     ]
+    prof = s.get("dense_step_profile")
+    if isinstance(prof, dict):
+        rows.append(("dense step profile (bare jitted step, jax.profiler): per step",
+                     f"dots {f(prof['dot_gflop'])} GFLOP in {f(prof['dot_ms'], 0)} ms of thread time "
+                     f"({f(prof['dot_gflops_per_busy_thread'])} GFLOP/s per busy thread; the MLP's matmul alone: "
+                     f"{f(prof['mlp_matmul_alone_gflops'])} GFLOP/s on all cores); other ops {f(prof['other_ms'], 0)} ms; "
+                     f"threads busy {prof['threads_busy_fraction']:.0%} of {prof['threads']} x {f(prof['step_s'], 3)} s"))
+    elif prof:
+        rows.append(("dense step profile", f"failed: {prof}"))
     for label, v in s.get("dense_step_variants", {}).items():
         rows.append((f"dense step with {label.replace('|', '/')}",
-                     f"{rng(v['step_s'], 3)} s: {v['speedup']:.2f}x the default" if "step_s" in v else f"failed: {v['error']}"))
+                     f"{rng(v['step_s'], 3)} s against {rng(v['default_step_s'], 3)} s for the default run beside it: "
+                     f"**{v['speedup']:.2f}x**" if "step_s" in v else f"failed: {v['error']}"))
     r = s["ratios"]
     lines = [
         "# Benchmarks", "",

@@ -47,3 +47,32 @@ def test_workers_run_in_fresh_processes_and_report(bench, tmp_path):
     manifest = bench.write_manifest(tmp_path, "d", {})
     data, _ = bench.run_worker("data", {"manifest": str(manifest), "repeats": 2})
     assert data["local"]["records"] == 200 and min(data["local"]["records_per_s"]) > 0
+
+
+def test_a_variant_is_compared_with_the_default_run_beside_it(bench):
+    # The machine slowed down between the main dense runs and this pair: the speedup must not show it.
+    speedups = bench.variant_speedups({
+        "faster": {"default": [1.2, 1.0, 1.1], "variant": [0.5, 0.55, 0.6]},
+        "same": {"default": [2.0, 2.0], "variant": [2.0, 2.0]},
+        "unknown flag": "worker train failed (1)",
+    })
+    assert speedups["faster"]["speedup"] == 1.1 / 0.55
+    assert speedups["same"]["speedup"] == 1.0 and speedups["same"]["default_step_s"]["n"] == 2
+    assert speedups["unknown flag"] == {"error": "worker train failed (1)"}
+
+
+def test_step_profile_splits_thread_time_into_dots_and_the_rest(bench):
+    figures = bench.step_profile({"step_s": [0.5, 0.7, 0.6], "threads": 2, "dot_gflop_per_step": 30.0,
+                                  "dot_ms_per_step": 500.0, "other_ms_per_step": 100.0,
+                                  "mlp_matmul_alone_gflops": [100.0, 120.0, 110.0]})
+    assert figures["dot_gflops_per_busy_thread"] == 60.0  # 30 GFLOP in 0.5 thread-seconds
+    assert figures["threads_busy_fraction"] == 0.5  # 0.6 s of ops over 2 threads x 0.6 s
+    assert figures["mlp_matmul_alone_gflops"] == 110.0
+
+
+def test_profile_worker_finds_the_steps_dots_in_the_trace(bench):
+    p, _ = bench.run_worker("profile", {"batch": 2, "length": 32, "repeats": 2, "traced_steps": 2})
+    # 6·N·T is a lower bound of the step's dot FLOPs (attention adds some; the embedding lookup none).
+    assert p["dot_gflop_per_step"] > 0.5 * 6 * 5.7e6 * 2 * 32 / 1e9
+    assert p["dot_ms_per_step"] > 0 and p["other_ms_per_step"] > 0 and p["ops_profiled"] > 50
+    assert len(p["step_s"]) == 2 and min(p["mlp_matmul_alone_gflops"]) > 0
