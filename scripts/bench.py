@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -303,8 +304,8 @@ def worker_profile(args: dict) -> dict:
     """Where the dense step's time goes: each op of the compiled step timed under jax.profiler.
 
     The step is Tunix's (its default loss, value_and_grad, the job's optimizer) jitted bare, on the
-    dense shape. Ops are joined to the compiled HLO by name: a fusion with a dot in it counts as a
-    dot (its FLOPs from the dot's shapes), everything else as other work. Op time is the time the
+    dense shape. Ops are joined to the compiled HLO by name: a dot, or a fusion with a dot in it,
+    counts as a dot (its FLOPs from the dot's shapes), every other fusion as other work. Op time is the time the
     op held the thread that ran it, summed over threads; the step's wall time is on `threads` cores.
     The MLP's forward matmul is also timed alone, for what the same dot reaches outside the step.
     """
@@ -355,32 +356,44 @@ def worker_profile(args: dict) -> dict:
         state, loss = compiled(state, inputs)
     loss.block_until_ready()
     jax.profiler.stop_trace()
+    trace = next(Path(trace_dir).rglob("*.xplane.pb")).read_bytes()
+    shutil.rmtree(trace_dir)
 
-    # Each fusion's FLOPs, from the dots in its computation (f32[a,b] shapes, contracting dims).
+    # The thunks XLA runs are the instructions of the unfused computations: fusions (FLOPs from the
+    # dots in the computation they call) and plain dots, with their dims from the operands' shapes.
     hlo = compiled.as_text()
-    bodies = {m.group(1): m.group(2) for m in re.finditer(r"^%(\S+) \(.*?\) -> .*? \{\n(.*?)\n\}", hlo, re.M | re.S)}
+    bodies = {m.group(1): m.group(2) for m in re.finditer(r"^(?:ENTRY )?%(\S+) \(.*?\) -> .*? \{\n(.*?)\n\}", hlo, re.M | re.S)}
+    shapes = dict(re.findall(r"%(\S+) = \w+\[([\d,]*)\]", hlo))  # instruction names are unique in a module
     dims = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
-    fusion_flops = {}
-    for m in re.finditer(r"%(\S+) = \S+ fusion\(.*?calls=%([^,\s]+)", hlo):
-        body = bodies.get(m.group(2), "")
-        shapes = dict(re.findall(r"%(\S+) = \w+\[([\d,]*)\]", body))
+
+    def dot_flops(text: str) -> int:
         flops = 0
-        for d in re.finditer(r"= \w+\[([\d,]*)\]\S* dot\(%(\S+), %\S+\),.*?lhs_contracting_dims=\{([\d,]*)\}", body):
+        for d in re.finditer(r"= \w+\[([\d,]*)\]\S* dot\(%(\S+), %\S+\),.*?lhs_contracting_dims=\{([\d,]*)\}", text):
             lhs = dims(shapes.get(d.group(2), ""))
             flops += 2 * int(np.prod(dims(d.group(1)))) * int(np.prod([lhs[int(i)] for i in dims(d.group(3))]))
-        fusion_flops[m.group(1)] = flops
+        return flops
 
-    path = next(Path(trace_dir).rglob("*.xplane.pb"))
-    profile = jax.profiler.ProfileData.from_file(str(path))
+    fused = set(re.findall(r"fusion\(.*?calls=%([^,\s]+)", hlo))
+    op_flops = {}
+    for name, body in bodies.items():
+        if name in fused:
+            continue
+        for line in body.splitlines():
+            m = re.match(r"\s*(?:ROOT )?%(\S+) = (?:\(.*?\)|\S+) (fusion|dot)\(", line)  # (...): a tuple shape
+            if m:
+                called = re.search(r"calls=%([^,\s]+)", line)
+                op_flops[m.group(1)] = dot_flops(bodies.get(called.group(1), "") if called else line)
+
+    profile = jax.profiler.ProfileData.from_serialized_xspace(trace)
     op_ns = collections.Counter()
     for plane in profile.planes:
         for line in plane.lines:
             for event in line.events:
-                if event.name in fusion_flops:
+                if event.name in op_flops:
                     op_ns[event.name] += event.duration_ns
-    dot_ns = sum(ns for name, ns in op_ns.items() if fusion_flops[name])
-    other_ns = sum(ns for name, ns in op_ns.items() if not fusion_flops[name])
-    dot_flops = sum(fusion_flops.values())
+    dot_ns = sum(ns for name, ns in op_ns.items() if op_flops[name])
+    other_ns = sum(ns for name, ns in op_ns.items() if not op_flops[name])
+    step_flops = sum(op_flops.values())
 
     # The MLP's forward matmul alone: [tokens, embed] x [embed, hidden].
     cfg = built.config
@@ -393,7 +406,7 @@ def worker_profile(args: dict) -> dict:
         t = time.perf_counter()
         dot(a, b).block_until_ready()
         alone.append(2 * a.shape[0] * a.shape[1] * b.shape[1] / (time.perf_counter() - t) / 1e9)
-    return {"step_s": times, "threads": len(os.sched_getaffinity(0)), "dot_gflop_per_step": dot_flops / 1e9,
+    return {"step_s": times, "threads": len(os.sched_getaffinity(0)), "dot_gflop_per_step": step_flops / 1e9,
             "dot_ms_per_step": dot_ns / traced / 1e6, "other_ms_per_step": other_ns / traced / 1e6,
             "ops_profiled": len(op_ns), "mlp_matmul_alone_gflops": alone}
 
