@@ -10,13 +10,13 @@ import argparse
 import json
 import os
 import signal
-import threading
 import sys
+import threading
 import traceback
 from collections.abc import Sequence
 
 from job import logs
-from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_RETRIABLE, EXIT_UNEXPECTED, BadInput, JobError
+from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNEXPECTED, BadInput, JobError
 
 VALIDATE_DEFAULT_LIMIT = 10_000
 

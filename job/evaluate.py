@@ -4,18 +4,21 @@ Prompts are rendered exactly as training renders the user turn and end with
 `<start_of_turn>model\n`. Decoding stops at `<end_of_turn>` (and `<eos>`): without that the
 model runs on past its answer and whole rambles get compared to short answers. Batches are padded
 to a fixed size and prompts to a fixed length bucket, so the sampler compiles once per bucket,
-not once per prompt.
+not once per prompt. The generations of the eval before training are kept (`save_generations`) so
+that a resumed run reads them back instead of decoding again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Any
 
 from flax import nnx
 from tunix.generate import sampler as sampler_lib
 from tunix.generate.tokenizer_adapter import TokenizerAdapter
 
+from job import io, logs
 from job.formats import EvalItem
 from job.manifest import EvalSpec, TemplateSpec
 from job.score import ItemResult, score_output
@@ -87,6 +90,33 @@ def evaluate(decoder: Decoder, items: list[EvalItem], template: TemplateSpec) ->
     started = time.perf_counter()
     generations = decoder.generate(prompts)
     seconds = time.perf_counter() - started
-    results = [ItemResult(item=item, output=g.text, finished=g.finished, score=score_output(g.text, item.expected_answer))
-               for item, g in zip(items, generations)]
-    return EvalRun(results, seconds, sum(g.tokens for g in generations))
+    return scored(items, [(g.text, g.finished) for g in generations], seconds, sum(g.tokens for g in generations))
+
+
+def scored(items: list[EvalItem], outputs: list[tuple[str, bool]], seconds: float, tokens: int) -> EvalRun:
+    results = [ItemResult(item=item, output=text, finished=finished, score=score_output(text, item.expected_answer))
+               for item, (text, finished) in zip(items, outputs)]
+    return EvalRun(results, seconds, tokens)
+
+
+def save_generations(uri: str, key: str, run: EvalRun) -> None:
+    """Keep an eval's generations under `key` (a digest of everything that decides them)."""
+    io.write_json(uri, {"key": key, "seconds": run.seconds, "generated_tokens": run.generated_tokens,
+                        "outputs": [{"id": r.item.id, "output": r.output, "finished": r.finished} for r in run.results]})
+
+
+def load_generations(uri: str, key: str, items: list[EvalItem]) -> EvalRun | None:
+    """The eval saved at `uri` under the same `key` and items, scored again; None when there is none."""
+    try:
+        if not io.exists(uri):
+            return None
+        saved: Any = io.read_json(uri)
+        outputs = saved["outputs"]
+        if saved["key"] != key or [o["id"] for o in outputs] != [item.id for item in items]:
+            logs.info("saved eval generations are for other settings; decoding again", uri=uri)
+            return None
+        return scored(items, [(str(o["output"]), bool(o["finished"])) for o in outputs],
+                      float(saved["seconds"]), int(saved["generated_tokens"]))
+    except Exception as err:  # noqa: BLE001 - a cache: unreadable means decode again
+        logs.warning("saved eval generations unreadable; decoding again", uri=uri, error=f"{type(err).__name__}: {err}")
+        return None

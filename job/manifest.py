@@ -199,7 +199,8 @@ class EvalSpec(_Section):
     limit: int | None = Field(None, ge=1, description="Score at most this many items (null: all).")
     max_new_tokens: int = Field(128, ge=1, le=8192, description="Tokens generated per answer.")
     batch_size: int = Field(16, ge=1, description="Prompts decoded together.")
-    max_prompt_len: int = Field(128, ge=8, le=131072, description="Prompt tokens kept (longer prompts are rejected).")
+    max_prompt_len: int = Field(128, ge=8, le=131072, description=(
+        "Prompts are left-padded to this many tokens (one compiled sampler), a longer one to the next power of two above."))
 
 
 class OutputSpec(_Section):

@@ -22,6 +22,7 @@ import secrets
 import signal
 import tempfile
 import threading
+from collections.abc import Callable
 
 import jax
 from flax import nnx
@@ -30,15 +31,17 @@ import job
 from job import distributed, io, logs, outputs
 from job.dataset import DataCounts, eval_batches, scan, training_batches
 from job.errors import BadInput, JobError, Retriable
-from job.evaluate import Decoder, EvalRun, evaluate
+from job.evaluate import Decoder, EvalRun, evaluate, load_generations, save_generations
 from job.formats import read_eval_items
 from job.lease import LEASE_FILE, Lease
 from job.manifest import Manifest, derive_run_id, load_manifest, run_dir
-from job.model import build_model, parameter_count, save_final
+from job.model import BuiltModel, build_model, parameter_count, save_final
 from job.report import build_delta_report, plot_loss_curve, render_markdown
+from job.step_cache import code_digest
 from job.tokens import load_tokenizer
-from job.train import StepReport, Trainer
+from job.train import Prefetch, StepReport, Trainer, TrainResult
 
+EVAL_BEFORE_GENERATIONS = "eval_before_generations.json"  # kept for a resumed run
 VERSIONED_PACKAGES = ("google-tunix", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "qwix", "sentencepiece")
 
 
@@ -233,6 +236,35 @@ class Run:
 
         mesh = distributed.build_mesh(m.training.mesh)
         distributed.check_batch(m.training.batch_size, mesh)
+        # Started now, the training stream fills its shuffle buffer while the model is built and
+        # evaluated: the first step does not wait for it.
+        with Prefetch(distributed.local_batches(training_batches(m, tokenizer, seed), mesh)) as train_stream:
+            built, decoder = self._build_model(tokenizer, seed, mesh)
+            self.status.set(state="evaluating", phase="before")
+            before = self._evaluate_before(decoder, items)
+            self._stop_if_asked()
+            result = self._train(built, train_stream, held_out, mesh)
+        if result.stopped_early:
+            self.status.set(step=result.end_step)
+            raise Preempted(f"stopped at step {result.end_step} of {m.training.steps} on {self.stop_reason}; "
+                            "the checkpoint is saved: run the same manifest again to resume")
+        self.record["training"] = {"resumed_from_step": result.start_step, "steps": result.end_step}
+
+        self.status.set(state="evaluating", phase="after", step=result.end_step)
+        after = self._evaluate(decoder(), items, "after")
+        self._stop_if_asked()
+        logs.info("writing outputs", run_dir=self.run_uri)
+        with mesh if mesh is not None else contextlib.nullcontext():
+            save_final(built, self.path("final"), m.model, m.training.lora, tokenizer.processor.serialized_model_proto())
+        # _SUCCESS must mean every process finished its part; then process 0 alone writes the outputs.
+        distributed.barrier("finished")
+        if distributed.is_main():
+            self._write_outputs(before, after, counts)
+        distributed.barrier("outputs-written")
+
+    def _build_model(self, tokenizer, seed: int, mesh) -> tuple[BuiltModel, Callable[[], Decoder]]:
+        """The model, laid out on the mesh, and a maker of decoders for its weights as they are now."""
+        m = self.m
         built = build_model(m.model, m.training.lora, seed, tokenizer.vocab_size, cache_dir())
         built = dataclasses.replace(built, model=distributed.shard_model(built.model, mesh))
         self.record["parameters"] = {"total": parameter_count(built.model),
@@ -245,12 +277,12 @@ class Run:
                 return shared_decoder
             return Decoder(distributed.local_replica(built.model, mesh), built.config, tokenizer, m.eval)
 
-        on_mesh = mesh if mesh is not None else contextlib.nullcontext()
-        self.status.set(state="evaluating", phase="before")
-        before = self._evaluate(decoder(), items, "before")
-        self._stop_if_asked()
+        return built, decoder
 
+    def _train(self, built: BuiltModel, train_stream: Prefetch, held_out: list, mesh) -> TrainResult:
+        m = self.m
         self.status.set(state="training", phase=None)
+        on_mesh = mesh if mesh is not None else contextlib.nullcontext()
         with tempfile.TemporaryDirectory(prefix="tensorboard-") as tb_dir, on_mesh:
             holdout_batches = list(distributed.local_batches(eval_batches(m, held_out), mesh))
             trainer = Trainer(built.model, m.training, self.path("checkpoints"), tb_dir,
@@ -260,28 +292,11 @@ class Run:
             self.metrics.resume_from(self.resumed_from)
             if self.resumed_from:
                 logs.info("resuming from checkpoint", step=self.resumed_from)
-            result = trainer.train(distributed.local_batches(training_batches(m, tokenizer, seed), mesh),
-                                   holdout_batches)
+            result = trainer.train(train_stream, holdout_batches)
             self.metrics.flush()
             if distributed.is_main():  # Tunix logs TensorBoard on process 0 only
                 io.upload(tb_dir, self.path("tensorboard"))
-        if result.stopped_early:
-            self.status.set(step=result.end_step)
-            raise Preempted(f"stopped at step {result.end_step} of {m.training.steps} on {self.stop_reason}; "
-                            "the checkpoint is saved: run the same manifest again to resume")
-        self.record["training"] = {"resumed_from_step": result.start_step, "steps": result.end_step}
-
-        self.status.set(state="evaluating", phase="after", step=result.end_step)
-        after = self._evaluate(decoder(), items, "after")
-        self._stop_if_asked()
-        logs.info("writing outputs", run_dir=self.run_uri)
-        with on_mesh:
-            save_final(built, self.path("final"), m.model, m.training.lora, tokenizer.processor.serialized_model_proto())
-        # _SUCCESS must mean every process finished its part; then process 0 alone writes the outputs.
-        distributed.barrier("finished")
-        if distributed.is_main():
-            self._write_outputs(before, after, counts)
-        distributed.barrier("outputs-written")
+        return result
 
     def _seed(self) -> int:
         """The manifest's seed; else the one an earlier attempt of this run recorded; else a new one."""
@@ -317,6 +332,26 @@ class Run:
             raise BadInput(f"{m.dataset.uri}: no records left to train on ({counts.accepted} accepted, "
                            f"{counts.held_out} held out by dataset.holdout)")
         return counts, held_out
+
+    def _evaluate_before(self, decoder: Callable[[], Decoder], items) -> EvalRun:
+        """The eval before training, decoded once per run: its generations are kept in the run directory,
+        and a resumed run with the same model, seed, eval set, template, decoding settings, versions,
+        devices and job code reads them back (a large model's eval is minutes of every resumed pod's start)."""
+        uri = self.path(EVAL_BEFORE_GENERATIONS)
+        m, record = self.m, self.record
+        key = hashlib.sha256(json.dumps({
+            "model": m.model.model_dump(mode="json"), "lora": m.training.lora and m.training.lora.model_dump(mode="json"),
+            "template": m.template.model_dump(mode="json"), "eval": m.eval.model_dump(mode="json"),
+            "code": code_digest(), **{k: record[k] for k in ("seed", "eval_sha256", "versions", "devices", "backend")},
+        }, sort_keys=True).encode("utf-8")).hexdigest()
+        saved = load_generations(uri, key, items)
+        if saved is not None:
+            logs.info("eval before reused", n=len(saved.results), saved=uri)
+            return saved
+        run = self._evaluate(decoder(), items, "before")
+        if distributed.is_main():
+            save_generations(uri, key, run)
+        return run
 
     def _evaluate(self, decoder: Decoder, items, phase: str) -> EvalRun:
         logs.info(f"eval {phase} starting", items=len(items))

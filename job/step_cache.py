@@ -87,7 +87,7 @@ class CachedStep:
             return None
         parts = {
             "step": self.name, **self.key_parts,
-            "code": _code_digest(), "versions": _versions(),
+            "code": code_digest(), "versions": _versions(),
             "devices": [(d.platform, d.device_kind) for d in jax.devices()], "processes": jax.process_count(),
             "tracing": [jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision],
             # nnx's repr of the graph names functions by address: drop the addresses.
@@ -123,7 +123,8 @@ def _save(uri: str, exported: jax.export.Exported) -> None:
 
 
 @functools.cache  # constant for the process; read once, not per compiled step
-def _code_digest() -> str:
+def code_digest() -> str:
+    """A digest of this package's source: what the job computes may change with any of it."""
     digest = hashlib.sha256()
     for path in sorted(Path(__file__).parent.rglob("*.py")):
         digest.update(path.read_bytes())

@@ -32,50 +32,71 @@ from job.tokens import Batch
 PREFETCH_BATCHES = 4  # batches read, tokenized and laid out ahead of the step
 
 
-def prefetch(items: Iterable, depth: int = PREFETCH_BATCHES) -> Iterator:
+class Prefetch:
     """Iterate `items` in a background thread, up to `depth` ahead, in the same order.
 
-    The data pipeline (read, render, tokenize, pack) then overlaps the step instead of running
-    between steps. An exception in the producer is raised here; closing this generator (or
-    leaving it unfinished) stops the producer, which never blocks for more than a moment.
+    The thread starts at once: a stream made before the model is built and evaluated fills its
+    shuffle buffer meanwhile, so the first step does not wait for it; after that the data pipeline
+    (read, render, tokenize, pack) overlaps the step instead of running between steps. An exception
+    in the producer is raised here after the items before it; close() (or leaving the `with`
+    block) stops the producer.
     """
-    done = object()
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    closing = threading.Event()
 
-    def produce() -> None:
+    _DONE = object()
+
+    def __init__(self, items: Iterable, depth: int = PREFETCH_BATCHES):
+        self._slots: queue.Queue = queue.Queue(maxsize=depth)
+        self._closing = threading.Event()
+        self._ended = False
+        self._thread = threading.Thread(target=self._produce, args=(items,), name="prefetch", daemon=True)
+        self._thread.start()
+
+    def _produce(self, items: Iterable) -> None:
         try:
             for item in items:
-                while not closing.is_set():
+                while not self._closing.is_set():
                     try:
-                        slots.put((item, None), timeout=0.1)
+                        self._slots.put((item, None), timeout=0.1)
                         break
                     except queue.Full:
                         continue
-                if closing.is_set():
+                if self._closing.is_set():
                     return
-            slots.put((done, None))
+            self._slots.put((self._DONE, None))
         except BaseException as err:  # handed to the consumer, raised there
-            slots.put((done, err))
+            self._slots.put((self._DONE, err))
 
-    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, err = slots.get()
-            if item is done:
-                if err is not None:
-                    raise err
-                return
-            yield item
-    finally:
-        closing.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
+    def __iter__(self) -> Iterator:
+        return self
+
+    def __next__(self):
+        if self._ended:
+            raise StopIteration
+        item, err = self._slots.get()
+        if item is self._DONE:
+            self._ended = True
+            if err is not None:
+                raise err
+            raise StopIteration
+        return item
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the producer at its next item; a daemon, it is left behind if that takes over `timeout_s`."""
+        self._ended = True
+        self._closing.set()
+        deadline = time.monotonic() + timeout_s
+        while self._thread.is_alive() and time.monotonic() < deadline:  # unblock a producer waiting on a full queue
             try:
-                slots.get_nowait()
+                self._slots.get_nowait()
             except queue.Empty:
                 pass
-            thread.join(timeout=0.1)
+            self._thread.join(timeout=0.1)
+
+    def __enter__(self) -> Prefetch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def learning_rate_schedule(spec: TrainingSpec) -> optax.Schedule:
@@ -233,16 +254,13 @@ class Trainer:
         return self.trainer.train_steps
 
     def train(self, train_batches: Iterable[Batch], eval_batches: list[Batch]) -> TrainResult:
+        """Train on `train_batches` (a Prefetch started early, so that the step never waits for data)."""
         start = self.trainer.train_steps
         if start < self.spec.steps or eval_batches:
             # Even with every step done (a run killed after its last checkpoint), Tunix's train()
             # evaluates the restored model first: the final eval loss is measured again, not lost.
-            batches = prefetch(train_batches)
-            try:
-                # skip_jit: the steps are compiled by _PeftTrainer; it only skips Tunix's nnx.jit cache report.
-                self.trainer.train(batches, eval_batches or None, skip_jit=True)
-            finally:
-                batches.close()
+            # skip_jit: the steps are compiled by _PeftTrainer; it only skips Tunix's nnx.jit cache report.
+            self.trainer.train(train_batches, eval_batches or None, skip_jit=True)
         else:
             self.trainer.close()
         end = self.trainer.train_steps

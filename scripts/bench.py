@@ -169,14 +169,11 @@ def worker_train(args: dict) -> dict:
     from job.model import build_model, parameter_count, use_cpu_friendly_backward
     from job.run import configure_compile_cache
     from job.tokens import load_tokenizer
-    from job.train import Trainer
+    from job.train import Prefetch, Trainer
 
     configure_compile_cache()  # as the job does at start-up
     m = load_manifest(args["manifest"])
     tok = load_tokenizer(None)
-    built = build_model(m.model, None, m.seed, tok.vocab_size, tempfile.gettempdir())
-    if args.get("tunix_mlp_backward"):  # measure what the job's CPU backward (model.py) saves
-        use_cpu_friendly_backward(built.model, False)
     counted: list[tuple[int, int, int, int]] = []  # per batch: padded, non-pad, loss tokens, examples
 
     def counting(stream):
@@ -184,6 +181,12 @@ def worker_train(args: dict) -> dict:
             seg = batch.segment_ids
             counted.append((seg.size, int((seg > 0).sum()), int(batch.input_mask.sum()), int(seg.max(axis=1).sum())))
             yield batch
+
+    # As the job does: the stream starts before the model is built, so its shuffle buffer fills meanwhile.
+    stream = Prefetch(counting(training_batches(m, tok, m.seed)))
+    built = build_model(m.model, None, m.seed, tok.vocab_size, tempfile.gettempdir())
+    if args.get("tunix_mlp_backward"):  # measure what the job's CPU backward (model.py) saves
+        use_cpu_friendly_backward(built.model, False)
 
     marks: list[tuple[int, float, float]] = []  # step, wall, cpu seconds when reported
 
@@ -196,7 +199,8 @@ def worker_train(args: dict) -> dict:
     train_started = time.time()
     trainer = Trainer(built.model, m.training, str(work / "ckpt"), str(work / "tb"), on_step,
                       lambda step, loss: None, 0, threading.Event(), on_checkpoint=lambda step: None)
-    trainer.train(counting(training_batches(m, tok, m.seed)), [])
+    with stream:
+        trainer.train(stream, [])
     # Steady state: skip the compile, the step-1 checkpoint and the final save.
     skip = args.get("skip", 3)
     steady = [(s, w, c) for s, w, c in marks if skip <= s < m.training.steps]

@@ -28,6 +28,7 @@ from test_run import DEMO, job_command, outcome, run_job, same_result
 
 from job import io
 from job.errors import EXIT_OK, EXIT_RETRIABLE
+from job.run import EVAL_BEFORE_GENERATIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 KILL_SEED = 20261125  # the random training step is drawn from this seed: a failure can be replayed
@@ -144,8 +145,11 @@ def test_killed_at_every_point_and_rerun_ends_identically(baseline, tmp_path, si
     run_dir = tmp_path / "base"
     log, complete = [], None
     for name, reach in kill_points(sig):
+        eval_before_kept = (run_dir / EVAL_BEFORE_GENERATIONS).exists()
         attempt = Attempt(tmp_path)
         reach(attempt, run_dir)
+        # An attempt after one that finished the eval before training reads its generations back.
+        assert attempt.logged("eval before reused") == eval_before_kept, (name, attempt.stderr[-3000:])
         if complete:  # the attempt after a kill inside a checkpoint write resumed from the last complete one
             assert attempt.logged("resuming from checkpoint", step=max(complete)), attempt.stderr[-3000:]
             complete = None

@@ -15,8 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from job import io
 from job.errors import EXIT_OK, EXIT_RETRIABLE
 from job.outputs import validate_trace

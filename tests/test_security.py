@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from job import io, logs
+from job import logs
 from job.errors import JobError
 from job.logs import REDACTED, redact
 

@@ -1,4 +1,4 @@
-"""Tests for job.train.prefetch: the background thread that reads batches ahead of the step."""
+"""Tests for job.train.Prefetch: the background thread that reads batches ahead of the step."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import time
 
 import pytest
 
-from job.train import prefetch
+from job.train import Prefetch
 
 
 def test_prefetch_keeps_the_order_and_ends_with_the_source():
-    assert list(prefetch(iter(range(100)), depth=3)) == list(range(100))
-    assert list(prefetch(iter([]))) == []
+    assert list(Prefetch(iter(range(100)), depth=3)) == list(range(100))
+    assert list(Prefetch(iter([]))) == []
 
 
 def test_prefetch_runs_ahead_of_the_consumer_by_at_most_depth():
@@ -23,7 +23,10 @@ def test_prefetch_runs_ahead_of_the_consumer_by_at_most_depth():
             produced.append(k)
             yield k
 
-    stream = prefetch(source(), depth=4)
+    stream = Prefetch(source(), depth=4)
+    time.sleep(0.3)
+    # started before anyone asked: `depth` queued, one more waiting to be put
+    assert 5 <= len(produced) <= 6
     assert next(stream) == 0
     time.sleep(0.3)
     # one taken, `depth` queued, one more waiting to be put
@@ -37,10 +40,11 @@ def test_an_error_in_the_producer_is_raised_in_the_consumer_after_the_items_befo
         yield 2
         raise ValueError("bad record")
 
-    stream = prefetch(source())
+    stream = Prefetch(source())
     assert next(stream) == 1 and next(stream) == 2
     with pytest.raises(ValueError, match="bad record"):
         next(stream)
+    assert list(stream) == []  # ended: no further items, no hang
 
 
 def test_closing_early_stops_the_producer_thread():
@@ -51,8 +55,19 @@ def test_closing_early_stops_the_producer_thread():
             yield k
             k += 1
 
-    stream = prefetch(endless(), depth=2)
+    stream = Prefetch(endless(), depth=2)
     assert [next(stream) for _ in range(5)] == [0, 1, 2, 3, 4]
     stream.close()
     assert not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate())
     assert threading.active_count() <= before
+
+
+def test_leaving_the_with_block_stops_the_producer_even_if_nothing_was_taken():
+    def endless():
+        while True:
+            yield 0
+
+    with Prefetch(endless(), depth=2) as stream:
+        time.sleep(0.1)
+    assert not any(t.name == "prefetch" and t.is_alive() for t in threading.enumerate())
+    assert list(stream) == []
