@@ -345,9 +345,10 @@ class Run:
             "code": code_digest(), **{k: record[k] for k in ("seed", "eval_sha256", "versions", "devices", "backend")},
         }, sort_keys=True).encode("utf-8")).hexdigest()
         saved = load_generations(uri, key, items)
-        if saved is not None:
-            logs.info("eval before reused", n=len(saved.results), saved=uri)
-            return saved
+        # Decoding a sharded model gathers its weights (a collective): every process reuses, or none does.
+        if distributed.same_everywhere(int(saved is not None)):
+            logs.info("eval before reused", n=len(items), saved=uri)
+            return saved or EvalRun([], 0.0, 0)  # a process that could not read it: only process 0's are written
         run = self._evaluate(decoder(), items, "before")
         if distributed.is_main():
             save_generations(uri, key, run)
