@@ -34,7 +34,7 @@ class Generation:
 
 
 def prompt_bucket(length: int, minimum: int) -> int:
-    """The fixed prompt length a prompt is padded to: the configured one, or the next power of two above."""
+    """The fixed prompt length a prompt is padded to: the configured one, or the first doubling of it that fits."""
     bucket = minimum
     while bucket < length:
         bucket *= 2

@@ -200,7 +200,7 @@ class EvalSpec(_Section):
     max_new_tokens: int = Field(128, ge=1, le=8192, description="Tokens generated per answer.")
     batch_size: int = Field(16, ge=1, description="Prompts decoded together.")
     max_prompt_len: int = Field(128, ge=8, le=131072, description=(
-        "Prompts are left-padded to this many tokens (one compiled sampler), a longer one to the next power of two above."))
+        "Prompts are left-padded to this many tokens (one compiled sampler each), or to the first doubling of it that fits."))
 
 
 class OutputSpec(_Section):

@@ -161,6 +161,11 @@ def run_job(manifest_uri: str, overrides: list[str] = (), fresh: bool = False,
         return run.execute()
 
 
+def _on(mesh):
+    """`with _on(mesh)`: inside the mesh, or nothing on one device."""
+    return mesh if mesh is not None else contextlib.nullcontext()
+
+
 def _succeeded(run_uri: str) -> bool:
     if io.exists(io.join(run_uri, outputs.SUCCESS_FILE)):
         logs.info("this run already succeeded; nothing to do (pass --fresh to run it again)", run_dir=run_uri)
@@ -254,7 +259,7 @@ class Run:
         after = self._evaluate(decoder(), items, "after")
         self._stop_if_asked()
         logs.info("writing outputs", run_dir=self.run_uri)
-        with mesh if mesh is not None else contextlib.nullcontext():
+        with _on(mesh):
             save_final(built, self.path("final"), m.model, m.training.lora, tokenizer.processor.serialized_model_proto())
         # _SUCCESS must mean every process finished its part; then process 0 alone writes the outputs.
         distributed.barrier("finished")
@@ -282,8 +287,7 @@ class Run:
     def _train(self, built: BuiltModel, train_stream: Prefetch, held_out: list, mesh) -> TrainResult:
         m = self.m
         self.status.set(state="training", phase=None)
-        on_mesh = mesh if mesh is not None else contextlib.nullcontext()
-        with tempfile.TemporaryDirectory(prefix="tensorboard-") as tb_dir, on_mesh:
+        with tempfile.TemporaryDirectory(prefix="tensorboard-") as tb_dir, _on(mesh):
             holdout_batches = list(distributed.local_batches(eval_batches(m, held_out), mesh))
             trainer = Trainer(built.model, m.training, self.path("checkpoints"), tb_dir,
                               self._on_step, self._on_eval, len(holdout_batches), self.stop,
@@ -336,7 +340,7 @@ class Run:
     def _evaluate_before(self, decoder: Callable[[], Decoder], items) -> EvalRun:
         """The eval before training, decoded once per run: its generations are kept in the run directory,
         and a resumed run with the same model, seed, eval set, template, decoding settings, versions,
-        devices and job code reads them back (a large model's eval is minutes of every resumed pod's start)."""
+        devices and job code reads them back instead of decoding the whole eval again."""
         uri = self.path(EVAL_BEFORE_GENERATIONS)
         m, record = self.m, self.record
         key = hashlib.sha256(json.dumps({
