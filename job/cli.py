@@ -56,7 +56,7 @@ def cmd_run(args) -> int:
 
 def cmd_validate(args) -> int:
     from job import io
-    from job.dataset import scan
+    from job.dataset import scan, unusable
     from job.formats import read_eval_items
     from job.manifest import derive_run_id, load_manifest, run_dir
     from job.tokens import load_tokenizer
@@ -82,11 +82,7 @@ def cmd_validate(args) -> int:
         "token_length": data["token_length"], "max_seq_len": m.training.max_seq_len,
         "eval_items": len(items), "scanned": "all records" if args.all else f"at most {args.limit} records",
     }
-    if counts.reject_fraction > m.dataset.max_reject_fraction:
-        problems.append(f"{m.dataset.uri}: {counts.rejected} of {counts.read} records rejected "
-                        f"({counts.reject_fraction:.1%} > dataset.max_reject_fraction={m.dataset.max_reject_fraction})")
-    if counts.trained < 1:
-        problems.append(f"{m.dataset.uri}: no records left to train on")
+    problems += unusable(counts, m)
     report["problems"] = problems
     report["ok"] = not problems
     for problem in problems:

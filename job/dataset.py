@@ -70,6 +70,19 @@ class DataCounts:
         }
 
 
+def unusable(counts: DataCounts, m: Manifest) -> list[str]:
+    """Why a scanned dataset cannot be trained on (too many rejects, nothing left to train); [] when it can."""
+    problems = []
+    if counts.reject_fraction > m.dataset.max_reject_fraction:
+        problems.append(f"{m.dataset.uri}: {counts.rejected} of {counts.read} records rejected "
+                        f"({counts.reject_fraction:.1%} > dataset.max_reject_fraction={m.dataset.max_reject_fraction}); "
+                        f"reasons: {dict(counts.reasons.most_common(5))}")
+    if counts.trained < 1:
+        problems.append(f"{m.dataset.uri}: no records left to train on ({counts.accepted} accepted, "
+                        f"{counts.held_out} held out by dataset.holdout)")
+    return problems
+
+
 def reason_kind(reason: str) -> str:
     """A short key to group reasons by: the text before the first colon or parenthesis, numbers as N."""
     return re.sub(r"\d+", "N", reason.split(":")[0].split("(")[0]).strip()[:80]

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from job import logs
+from job import logs, tunix_compat
 from job.errors import BadInput, JobError, Retriable
 
 COORDINATOR_VAR, COUNT_VAR, INDEX_VAR = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
@@ -230,9 +230,7 @@ def _global(x: np.ndarray, sharding: NamedSharding, mesh) -> jax.Array:
 # -- agreement between processes -----------------------------------------------------------------
 
 def _client():
-    from jax._src import distributed as jax_distributed
-
-    return jax_distributed.global_state.client
+    return tunix_compat.distributed_client()
 
 
 def barrier(name: str, timeout_s: float = BARRIER_TIMEOUT_S) -> None:

@@ -4,6 +4,8 @@
 (preempted, storage outage: run the same manifest again); 1 anything unexpected.
 """
 
+from __future__ import annotations
+
 EXIT_OK = 0
 EXIT_UNEXPECTED = 1
 EXIT_BAD_INPUT = 2
@@ -26,3 +28,18 @@ class Retriable(JobError):
     """A transient condition (preemption, storage outage): rerunning the same manifest resumes the run."""
 
     exit_code = EXIT_RETRIABLE
+
+
+_TRANSIENT_STATUS = ("UNAVAILABLE:", "DEADLINE_EXCEEDED:", "RESOURCE_EXHAUSTED:", "ABORTED:")
+
+
+def transient_cause(err: BaseException | None) -> bool:
+    """True when the error, or one it was raised from, is a network or storage outage: a connection or
+    timeout error, or a gRPC/absl status that says "try again" (how tensorstore, under Orbax, fails)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (ConnectionError, TimeoutError)) or any(code in str(err) for code in _TRANSIENT_STATUS):
+            return True
+        err = err.__cause__ or err.__context__
+    return False

@@ -4,7 +4,7 @@ Prompts are rendered exactly as training renders the user turn and end with
 `<start_of_turn>model\n`. Decoding stops at `<end_of_turn>` (and `<eos>`): without that the
 model runs on past its answer and whole rambles get compared to short answers. Batches are padded
 to a fixed size and prompts to a fixed length bucket, so the sampler compiles once per bucket,
-not once per prompt. The generations of the eval before training are kept (`save_generations`) so
+not once per prompt. The generations of the eval before training are kept (`generations_record`) so
 that a resumed run reads them back instead of decoding again.
 """
 
@@ -99,10 +99,10 @@ def scored(items: list[EvalItem], outputs: list[tuple[str, bool]], seconds: floa
     return EvalRun(results, seconds, tokens)
 
 
-def save_generations(uri: str, key: str, run: EvalRun) -> None:
-    """Keep an eval's generations under `key` (a digest of everything that decides them)."""
-    io.write_json(uri, {"key": key, "seconds": run.seconds, "generated_tokens": run.generated_tokens,
-                        "outputs": [{"id": r.item.id, "output": r.output, "finished": r.finished} for r in run.results]})
+def generations_record(key: str, run: EvalRun) -> dict:
+    """An eval's generations under `key` (a digest of everything that decides them), to keep as JSON."""
+    return {"key": key, "seconds": run.seconds, "generated_tokens": run.generated_tokens,
+            "outputs": [{"id": r.item.id, "output": r.output, "finished": r.finished} for r in run.results]}
 
 
 def load_generations(uri: str, key: str, items: list[EvalItem]) -> EvalRun | None:

@@ -16,10 +16,10 @@ import numpy as np
 import qwix
 from flax import nnx
 from tunix.models.gemma3 import model as gemma3
-from tunix.utils import sharding_utils
 
-from job import distributed, io, weights
+from job import io, tunix_compat, weights
 from job.errors import BadInput
+from job.manifest import LoraSpec, ModelSpec
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -109,21 +109,6 @@ def _linear(layer: nnx.Linear, x: jax.Array) -> jax.Array:
     return _project(x, kernel, layer.precision)
 
 
-_feed_forward_block = gemma3.FeedForward.block
-
-
-def _feed_forward_block_cpu(self, x):
-    """Tunix's FeedForward.block (tunix 0.1.7), its projections through `_linear` when enabled."""
-    if not getattr(self, "cpu_friendly_backward", False):
-        return _feed_forward_block(self, x)
-    activations = nnx.gelu(_linear(self.gate_proj, x)) * _linear(self.up_proj, x)
-    activations = sharding_utils.shard(activations, self.config.shd_config.act_btf)
-    return _linear(self.down_proj, activations)
-
-
-gemma3.FeedForward.block = _feed_forward_block_cpu
-
-
 def has_lora(model: nnx.Module) -> bool:
     return any(isinstance(v, nnx.LoRAParam) for _, v in nnx.iter_graph(model))
 
@@ -131,6 +116,8 @@ def has_lora(model: nnx.Module) -> bool:
 def use_cpu_friendly_backward(model: nnx.Module, on: bool = True) -> int:
     """Turn the faster CPU backward on (or off) for every MLP of a Gemma 3 model; returns how many."""
     layers = [m for _, m in nnx.iter_graph(model) if isinstance(m, gemma3.FeedForward)]
+    if on:
+        tunix_compat.route_mlp_projections(_linear)
     for layer in layers:
         if on and any(p.bias is not None for p in (layer.gate_proj, layer.up_proj, layer.down_proj)):
             raise ValueError("the CPU backward expects bias-free MLP projections (Gemma 3)")
@@ -154,7 +141,7 @@ class BuiltModel:
     base: dict  # how to rebuild the base model: {preset, weights_uri, weights_format, dtype, seed}
 
 
-def build_model(spec, lora, seed: int, vocab_size: int, cache_dir: str) -> BuiltModel:
+def build_model(spec: ModelSpec, lora: LoraSpec | None, seed: int, vocab_size: int, cache_dir: str) -> BuiltModel:
     """The run's model: random tiny, or pretrained weights (any format weights.py reads, or a final/ dir), LoRA-wrapped when asked."""
     config = model_config(spec.preset, vocab_size, spec.dtype)
     base = {"preset": spec.preset, "weights_uri": spec.weights_uri, "weights_format": spec.weights_format,
@@ -170,14 +157,14 @@ def build_model(spec, lora, seed: int, vocab_size: int, cache_dir: str) -> Built
     return BuiltModel(model, config, base)
 
 
-def _load(spec, config, cache_dir: str, base: dict):
+def _load(spec: ModelSpec, config: gemma3.ModelConfig, cache_dir: str, base: dict):
     model_json = io.join(spec.weights_uri, "model.json")
     if spec.weights_format in ("auto", "job") and io.exists(model_json):
         return _load_final(spec, config, cache_dir, io.read_json(model_json))
     return weights.load_pretrained(config, spec.weights_uri, spec.weights_format, spec.dtype, cache_dir), base
 
 
-def _load_final(spec, config, cache_dir: str, info: dict):
+def _load_final(spec: ModelSpec, config: gemma3.ModelConfig, cache_dir: str, info: dict):
     """A previous run's final/ directory: full weights, or a LoRA adapter on top of the base it names."""
 
     if info.get("format") != FINAL_FORMAT:
@@ -190,7 +177,7 @@ def _load_final(spec, config, cache_dir: str, info: dict):
         model = random_model(config, base["seed"], spec.dtype) if spec.preset == "tiny" else _abstract(config)
         weights.restore_params(model, io.join(spec.weights_uri, "params"))
         return model, dict(base, weights_uri=spec.weights_uri, weights_format="job")
-    base_spec = _SpecView(**{k: base[k] for k in ("preset", "weights_uri", "weights_format", "dtype")})
+    base_spec = spec.model_copy(update={k: base[k] for k in ("preset", "weights_uri", "weights_format", "dtype")})
     built = build_model(base_spec, None, base["seed"], config.num_embed, cache_dir)
     lora = info["lora"]
     model = apply_lora(built.model, lora["rank"], lora["alpha"], lora["module_path"], base["seed"])
@@ -198,37 +185,26 @@ def _load_final(spec, config, cache_dir: str, info: dict):
     return model, base
 
 
-@dataclasses.dataclass(frozen=True)
-class _SpecView:
-    """The few ModelSpec fields needed to rebuild a base model."""
-
-    preset: str
-    weights_uri: str | None
-    weights_format: str
-    dtype: str
-
-
 def _abstract(config: gemma3.ModelConfig) -> gemma3.Gemma3:
     """A model with shapes and dtypes but no memory behind them: restoring fills it."""
     return nnx.eval_shape(lambda: gemma3.Gemma3(config, rngs=nnx.Rngs(0)))
 
 
-def save_final(built: BuiltModel, final_uri: str, spec, lora, tokenizer_bytes: bytes) -> list[str]:
-    """Write final/: weights (or the LoRA adapter), model.json saying how to rebuild, the tokenizer. Returns the files' names."""
-
+def final_description(built: BuiltModel, spec: ModelSpec, lora: LoraSpec | None) -> dict:
+    """final/model.json: how to rebuild the model from final/ (the base it came from, the adapter if any)."""
     cfg = built.config
-    info = {
+    return {
         "format": FINAL_FORMAT, "preset": spec.preset, "dtype": spec.dtype,
         "config": {k: getattr(cfg, k) for k in ("num_layers", "num_embed", "embed_dim", "hidden_dim",
                                                  "num_heads", "head_dim", "num_kv_heads")},
         "lora": None if lora is None else {"rank": lora.rank, "alpha": lora.alpha, "module_path": lora.module_path},
         "base": built.base,
     }
+
+
+def save_final_weights(built: BuiltModel, final_uri: str, lora: LoraSpec | None) -> None:
+    """final/params (full fine-tuning) or final/adapter (LoRA): written by every process together (Orbax)."""
     if lora is None:
         weights.save_params(built.model, io.join(final_uri, "params"))
     else:
         weights.save_params(built.model, io.join(final_uri, "adapter"), lora_only=True)
-    if distributed.is_main():  # the weights above are written by every process together (Orbax)
-        io.write_bytes(io.join(final_uri, "tokenizer.model"), tokenizer_bytes)
-        io.write_json(io.join(final_uri, "model.json"), info)
-    return ["model.json", "tokenizer.model", "params" if lora is None else "adapter"]

@@ -235,13 +235,18 @@ def import_file_name(index: int) -> str:
     return f"traces-{index + 1:05d}.json"
 
 
+def import_batch_files(traces: list[dict], max_per_batch: int = MAX_BATCH) -> list[tuple[str, list[dict]]]:
+    """(`import/traces-NNNNN.json`, batch) for each batch of `traces`: the files a run writes for the import."""
+    return [(f"{IMPORT_DIR}/{import_file_name(k)}", batch)
+            for k, batch in enumerate(import_batches(traces, max_per_batch))]
+
+
 def write_import_batches(run_uri: str, traces: list[dict], max_per_batch: int = MAX_BATCH) -> list[str]:
     """Write `{run}/import/traces-NNNNN.json`, one JSON array per batch; returns their URIs."""
     uris = []
-    for k, batch in enumerate(import_batches(traces, max_per_batch)):
-        uri = io.join(run_uri, IMPORT_DIR, import_file_name(k))
-        io.write_json(uri, batch)
-        uris.append(uri)
+    for name, batch in import_batch_files(traces, max_per_batch):
+        uris.append(io.join(run_uri, name))
+        io.write_json(uris[-1], batch)
     return uris
 
 

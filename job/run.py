@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import hashlib
-import importlib.metadata
 import json
 import os
-import platform
 import secrets
 import signal
 import tempfile
@@ -27,90 +24,27 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
-import job
-from job import distributed, io, logs, outputs
-from job.dataset import DataCounts, eval_batches, scan, training_batches
-from job.errors import BadInput, JobError, Retriable
-from job.evaluate import Decoder, EvalRun, evaluate, load_generations, save_generations
+from job import distributed, io, logs, outputs, tunix_compat
+from job.dataset import DataCounts, eval_batches, scan, training_batches, unusable
+from job.errors import BadInput, JobError, Retriable, transient_cause
+from job.evaluate import Decoder, EvalRun, evaluate, generations_record, load_generations
 from job.formats import read_eval_items
-from job.lease import LEASE_FILE, Lease
 from job.manifest import Manifest, derive_run_id, load_manifest, run_dir
-from job.model import BuiltModel, build_model, parameter_count, save_final
+from job.model import BuiltModel, build_model, final_description, parameter_count, save_final_weights
+from job.provenance import program_key, utc_now, versions
 from job.report import build_delta_report, plot_loss_curve, render_markdown
-from job.step_cache import code_digest
+from job.rundir import (CHECKPOINTS, EVAL_BEFORE_GENERATIONS, FINAL, REJECTS, TENSORBOARD, Metrics, RunDir,
+                        RunRecord, Status)
 from job.tokens import load_tokenizer
 from job.train import Prefetch, StepReport, Trainer, TrainResult
-
-EVAL_BEFORE_GENERATIONS = "eval_before_generations.json"  # kept for a resumed run
-VERSIONED_PACKAGES = ("google-tunix", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "qwix", "sentencepiece")
 
 
 class Preempted(Retriable):
     """SIGTERM arrived (spot preemption, pod eviction): the run saved what it could; rerun to resume."""
 
 
-def utc_now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def versions() -> dict:
-    found = {"tunix-rt-job": job.__version__, "python": platform.python_version()}
-    for name in VERSIONED_PACKAGES:
-        try:
-            found[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 def cache_dir() -> str:
     return os.environ.get("TUNIX_JOB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tunix-rt-job"))
-
-
-class Status:
-    """status.json, rewritten as the run moves."""
-
-    def __init__(self, run_uri: str, total_steps: int):
-        self.uri = io.join(run_uri, "status.json")
-        self.fields = {"state": "validating", "step": 0, "total_steps": total_steps, "last_loss": None}
-
-    def set(self, **fields) -> None:
-        self.fields.update(fields, updated_at=utc_now())
-        if distributed.is_main():
-            io.write_json(self.uri, logs.redact(self.fields))
-
-
-class Metrics:
-    """metrics.jsonl: one line per logged step (and per eval-loss point); kept across resumes."""
-
-    def __init__(self, run_uri: str, log_every: int):
-        self.uri = io.join(run_uri, "metrics.jsonl")
-        self.log_every = log_every
-        self.lines: list[dict] = []
-
-    def resume_from(self, step: int) -> None:
-        """Keep what an earlier attempt logged up to the step its checkpoint restores."""
-        if step and io.exists(self.uri):
-            old = [json.loads(line) for line in io.read_text(self.uri).splitlines() if line.strip()]
-            # Eval points at the restored step are logged again by the resumed trainer (or not at all).
-            self.lines = [line for line in old if line["step"] < step or (line["step"] == step and "loss" in line)]
-
-    def add(self, line: dict) -> None:
-        """Add a line; one for a step already there (reported early, before a checkpoint) replaces it."""
-        kind = "loss" if "loss" in line else "eval_loss"
-        for i, old in enumerate(self.lines):
-            if old["step"] == line["step"] and kind in old:
-                self.lines[i] = line
-                return
-        self.lines.append(line)
-
-    def flush(self) -> None:
-        if distributed.is_main():
-            io.write_text(self.uri, "".join(json.dumps(line) + "\n" for line in self.lines))
-
-    @property
-    def losses(self) -> list[dict]:
-        return [line for line in self.lines if "loss" in line or "eval_loss" in line]
 
 
 def configure_compile_cache() -> str | None:
@@ -140,23 +74,19 @@ def run_job(manifest_uri: str, overrides: list[str] = (), fresh: bool = False,
     configure_compile_cache()
     m = load_manifest(manifest_uri, overrides)
     run_id = derive_run_id(m)
-    run_uri = run_dir(m, run_id)
-    if not fresh and _succeeded(run_uri):
+    rundir = RunDir(run_dir(m, run_id))
+    if not fresh and _succeeded(rundir):
         return 0
     if stop.is_set():
         raise Preempted("SIGTERM before the run started: nothing to save; run the same manifest again")
-    run = Run(m, run_id, run_uri, manifest_uri, stop)
-    # Nothing is written (not even --fresh's removal) before the run's lease is held: process 0 holds it
-    # for all the processes of a multi-host run.
-    lease = Lease(run_uri, on_lost=run.lose_lease) if distributed.is_main() else contextlib.nullcontext()
-    with lease:
-        if fresh and distributed.is_main():
-            logs.warning("fresh run requested: removing the previous run directory", run_dir=run_uri)
-            for child in io.listdir(run_uri):
-                if io.basename(child) != LEASE_FILE:
-                    io.remove(child, recursive=True)
+    run = Run(m, run_id, rundir, manifest_uri, stop)
+    # Nothing is written (not even --fresh's removal) before the run's lease is held.
+    with rundir.lease(on_lost=run.lose_lease):
+        if fresh:
+            logs.warning("fresh run requested: removing the previous run directory", run_dir=rundir.uri)
+            rundir.clear()
         distributed.barrier("started")  # every process sees the same run directory
-        if not fresh and _succeeded(run_uri):  # another process finished it while this one waited for the lease
+        if not fresh and _succeeded(rundir):  # another process finished it while this one waited for the lease
             return 0
         return run.execute()
 
@@ -166,28 +96,27 @@ def _on(mesh):
     return mesh if mesh is not None else contextlib.nullcontext()
 
 
-def _succeeded(run_uri: str) -> bool:
-    if io.exists(io.join(run_uri, outputs.SUCCESS_FILE)):
-        logs.info("this run already succeeded; nothing to do (pass --fresh to run it again)", run_dir=run_uri)
+def _succeeded(rundir: RunDir) -> bool:
+    if rundir.succeeded():
+        logs.info("this run already succeeded; nothing to do (pass --fresh to run it again)", run_dir=rundir.uri)
         return True
     return False
 
 
 class Run:
-    def __init__(self, m: Manifest, run_id: str, run_uri: str, manifest_uri: str, stop: threading.Event):
-        self.m, self.run_id, self.run_uri, self.manifest_uri = m, run_id, run_uri, manifest_uri
-        self.status = Status(run_uri, m.training.steps)
-        self.metrics = Metrics(run_uri, m.training.log_every_steps)
+    """One attempt at a run: the flow, in `_run`, top to bottom; the run directory keeps the files."""
+
+    def __init__(self, m: Manifest, run_id: str, rundir: RunDir, manifest_uri: str, stop: threading.Event):
+        self.m, self.run_id, self.dir, self.manifest_uri = m, run_id, rundir, manifest_uri
+        self.status = Status(rundir, m.training.steps)
+        self.metrics = Metrics(rundir)
         # Set by SIGTERM. Never raise from the signal handler: libraries (JAX's compile cache, for one)
         # catch broad exceptions and would swallow it. Training stops after its current step; other
         # phases stop at the next phase boundary.
         self.stop = stop
         self.stop_reason = "SIGTERM"
         self.resumed_from = 0
-        self.record: dict = {}
-
-    def path(self, *parts: str) -> str:
-        return io.join(self.run_uri, *parts)
+        self.record: RunRecord | None = None
 
     # -- the run ---------------------------------------------------------------------------------
 
@@ -215,36 +144,23 @@ class Run:
 
     def _run(self) -> None:
         m = self.m
-        logs.info("run starting", run_id=self.run_id, run_dir=self.run_uri)
+        logs.info("run starting", run_id=self.run_id, run_dir=self.dir.uri)
+        tunix_compat.check()
         self.status.set(state="validating")
-        seed = self._seed()
-        if m.seed is None:  # generated (31 bits) or read back by each process: process 0's stands
-            seed = distributed.same_everywhere(seed)
-        self.record = {
-            "run_id": self.run_id, "seed": seed, "manifest_uri": self.manifest_uri,
-            "manifest": json.loads(m.model_dump_json()), "versions": versions(),
-            "image": os.environ.get("TUNIX_JOB_IMAGE"),
-            "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
-            "compile_cache": os.environ.get("JAX_COMPILATION_CACHE_DIR"),
-            "processes": jax.process_count(),
-            "started_at": utc_now(), "ended_at": None,
-        }
-        self._write_record()
+        self.record = self._start_record()
+        self.dir.write_record(self.record)
 
         tokenizer = load_tokenizer(m.model.tokenizer_uri)
-        eval_digest = hashlib.sha256()
-        items = read_eval_items(m.eval.uri, m.eval.limit, eval_digest)
+        items = self._read_eval_set()
         counts, held_out = self._validate_data(tokenizer)
-        self.record.update(dataset_sha256=counts.sha256, eval_sha256=eval_digest.hexdigest(), data=counts.as_dict())
-        self._write_record()
         self._stop_if_asked()
 
         mesh = distributed.build_mesh(m.training.mesh)
         distributed.check_batch(m.training.batch_size, mesh)
         # Started now, the training stream fills its shuffle buffer while the model is built and
         # evaluated: the first step does not wait for it.
-        with Prefetch(distributed.local_batches(training_batches(m, tokenizer, seed), mesh)) as train_stream:
-            built, decoder = self._build_model(tokenizer, seed, mesh)
+        with Prefetch(distributed.local_batches(training_batches(m, tokenizer, self.record.seed), mesh)) as train_stream:
+            built, decoder = self._build_model(tokenizer, mesh)
             self.status.set(state="evaluating", phase="before")
             before = self._evaluate_before(decoder, items)
             self._stop_if_asked()
@@ -253,27 +169,71 @@ class Run:
             self.status.set(step=result.end_step)
             raise Preempted(f"stopped at step {result.end_step} of {m.training.steps} on {self.stop_reason}; "
                             "the checkpoint is saved: run the same manifest again to resume")
-        self.record["training"] = {"resumed_from_step": result.start_step, "steps": result.end_step}
+        self.record.training = {"resumed_from_step": result.start_step, "steps": result.end_step}
 
         self.status.set(state="evaluating", phase="after", step=result.end_step)
         after = self._evaluate(decoder(), items, "after")
         self._stop_if_asked()
-        logs.info("writing outputs", run_dir=self.run_uri)
-        with _on(mesh):
-            save_final(built, self.path("final"), m.model, m.training.lora, tokenizer.processor.serialized_model_proto())
+        logs.info("writing outputs", run_dir=self.dir.uri)
+        self._write_final(built, tokenizer, mesh)
         # _SUCCESS must mean every process finished its part; then process 0 alone writes the outputs.
         distributed.barrier("finished")
-        if distributed.is_main():
-            self._write_outputs(before, after, counts)
+        self._write_outputs(before, after, counts)
         distributed.barrier("outputs-written")
 
-    def _build_model(self, tokenizer, seed: int, mesh) -> tuple[BuiltModel, Callable[[], Decoder]]:
+    def _start_record(self) -> RunRecord:
+        return RunRecord(
+            run_id=self.run_id, seed=self._seed(), manifest_uri=self.manifest_uri,
+            manifest=json.loads(self.m.model_dump_json()), versions=versions(), settings={},
+            image=os.environ.get("TUNIX_JOB_IMAGE"),
+            devices=[str(d) for d in jax.devices()], backend=jax.default_backend(),
+            compile_cache=os.environ.get("JAX_COMPILATION_CACHE_DIR"),
+            processes=jax.process_count(), started_at=utc_now())
+
+    def _seed(self) -> int:
+        """The manifest's seed; else the one an earlier attempt of this run recorded; else a new one
+        (generated or read back by each process: process 0's stands)."""
+        if self.m.seed is not None:
+            return self.m.seed
+        seed = self.dir.recorded_seed()
+        if seed is None:
+            seed = secrets.randbits(31)
+            logs.info("no seed in the manifest: generated one", seed=seed)
+        return distributed.same_everywhere(seed)
+
+    def _read_eval_set(self) -> list:
+        digest = hashlib.sha256()
+        items = read_eval_items(self.m.eval.uri, self.m.eval.limit, digest)
+        self.record.eval_sha256 = digest.hexdigest()
+        return items
+
+    def _validate_data(self, tokenizer) -> tuple[DataCounts, list]:
+        m = self.m
+        logs.info("scanning the dataset", uri=m.dataset.uri)
+        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as rejects:
+            def on_reject(r):
+                rejects.write(json.dumps({"uri": logs.redact(r.uri), "line": r.line, "reason": r.reason, "raw": r.raw}) + "\n")
+            counts, held_out = scan(m, tokenizer, on_reject)
+        try:
+            self.dir.upload(rejects.name, REJECTS)
+        finally:
+            os.unlink(rejects.name)
+        logs.info("dataset scanned", **{k: v for k, v in counts.as_dict().items() if k != "reject_reasons"})
+        for r in counts.first_rejects:
+            logs.warning("rejected record", where=f"{r.uri}:{r.line}", reason=r.reason)
+        if problems := unusable(counts, m):
+            raise BadInput(f"{'; '.join(problems)}; every reject is in {self.dir.path(REJECTS)}")
+        self.record.dataset_sha256, self.record.data = counts.sha256, counts.as_dict()
+        self.dir.write_record(self.record)
+        return counts, held_out
+
+    def _build_model(self, tokenizer, mesh) -> tuple[BuiltModel, Callable[[], Decoder]]:
         """The model, laid out on the mesh, and a maker of decoders for its weights as they are now."""
         m = self.m
-        built = build_model(m.model, m.training.lora, seed, tokenizer.vocab_size, cache_dir())
+        built = build_model(m.model, m.training.lora, self.record.seed, tokenizer.vocab_size, cache_dir())
         built = dataclasses.replace(built, model=distributed.shard_model(built.model, mesh))
-        self.record["parameters"] = {"total": parameter_count(built.model),
-                                     "trainable": parameter_count(built.model, _trainable_kind(m))}
+        self.record.parameters = {"total": parameter_count(built.model),
+                                  "trainable": parameter_count(built.model, _trainable_kind(m))}
         shared_decoder = Decoder(built.model, built.config, tokenizer, m.eval)
 
         def decoder() -> Decoder:
@@ -284,78 +244,22 @@ class Run:
 
         return built, decoder
 
-    def _train(self, built: BuiltModel, train_stream: Prefetch, held_out: list, mesh) -> TrainResult:
-        m = self.m
-        self.status.set(state="training", phase=None)
-        with tempfile.TemporaryDirectory(prefix="tensorboard-") as tb_dir, _on(mesh):
-            holdout_batches = list(distributed.local_batches(eval_batches(m, held_out), mesh))
-            trainer = Trainer(built.model, m.training, self.path("checkpoints"), tb_dir,
-                              self._on_step, self._on_eval, len(holdout_batches), self.stop,
-                              on_checkpoint=self._on_checkpoint)
-            self.resumed_from = trainer.restored_step
-            self.metrics.resume_from(self.resumed_from)
-            if self.resumed_from:
-                logs.info("resuming from checkpoint", step=self.resumed_from)
-            result = trainer.train(train_stream, holdout_batches)
-            self.metrics.flush()
-            if distributed.is_main():  # Tunix logs TensorBoard on process 0 only
-                io.upload(tb_dir, self.path("tensorboard"))
-        return result
-
-    def _seed(self) -> int:
-        """The manifest's seed; else the one an earlier attempt of this run recorded; else a new one."""
-        if self.m.seed is not None:
-            return self.m.seed
-        record_uri = self.path("run_manifest.json")
-        if io.exists(record_uri):
-            return int(io.read_json(record_uri)["seed"])
-        seed = secrets.randbits(31)
-        logs.info("no seed in the manifest: generated one", seed=seed)
-        return seed
-
-    def _validate_data(self, tokenizer) -> tuple[DataCounts, list]:
-        m = self.m
-        logs.info("scanning the dataset", uri=m.dataset.uri)
-        with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as rejects:
-            def on_reject(r):
-                rejects.write(json.dumps({"uri": logs.redact(r.uri), "line": r.line, "reason": r.reason, "raw": r.raw}) + "\n")
-            counts, held_out = scan(m, tokenizer, on_reject)
-        try:
-            if distributed.is_main():
-                io.upload(rejects.name, self.path("rejects.jsonl"))
-        finally:
-            os.unlink(rejects.name)
-        logs.info("dataset scanned", **{k: v for k, v in counts.as_dict().items() if k != "reject_reasons"})
-        for r in counts.first_rejects:
-            logs.warning("rejected record", where=f"{r.uri}:{r.line}", reason=r.reason)
-        if counts.reject_fraction > m.dataset.max_reject_fraction:
-            raise BadInput(f"{m.dataset.uri}: {counts.rejected} of {counts.read} records rejected "
-                           f"({counts.reject_fraction:.1%} > dataset.max_reject_fraction={m.dataset.max_reject_fraction}); "
-                           f"reasons: {dict(counts.reasons.most_common(5))}; every reject is in {self.path('rejects.jsonl')}")
-        if counts.trained < 1:
-            raise BadInput(f"{m.dataset.uri}: no records left to train on ({counts.accepted} accepted, "
-                           f"{counts.held_out} held out by dataset.holdout)")
-        return counts, held_out
-
     def _evaluate_before(self, decoder: Callable[[], Decoder], items) -> EvalRun:
         """The eval before training, decoded once per run: its generations are kept in the run directory,
         and a resumed run with the same model, seed, eval set, template, decoding settings, versions,
         devices and job code reads them back instead of decoding the whole eval again."""
-        uri = self.path(EVAL_BEFORE_GENERATIONS)
         m, record = self.m, self.record
-        key = hashlib.sha256(json.dumps({
-            "model": m.model.model_dump(mode="json"), "lora": m.training.lora and m.training.lora.model_dump(mode="json"),
-            "template": m.template.model_dump(mode="json"), "eval": m.eval.model_dump(mode="json"),
-            "code": code_digest(), **{k: record[k] for k in ("seed", "eval_sha256", "versions", "devices", "backend")},
-        }, sort_keys=True).encode("utf-8")).hexdigest()
-        saved = load_generations(uri, key, items)
+        key = program_key(
+            model=m.model.model_dump(mode="json"), lora=m.training.lora and m.training.lora.model_dump(mode="json"),
+            template=m.template.model_dump(mode="json"), eval=m.eval.model_dump(mode="json"),
+            seed=record.seed, eval_sha256=record.eval_sha256, devices=record.devices, backend=record.backend)
+        saved = load_generations(self.dir.path(EVAL_BEFORE_GENERATIONS), key, items)
         # Decoding a sharded model gathers its weights (a collective): every process reuses, or none does.
         if distributed.same_everywhere(int(saved is not None)):
-            logs.info("eval before reused", n=len(items), saved=uri)
+            logs.info("eval before reused", n=len(items), saved=self.dir.path(EVAL_BEFORE_GENERATIONS))
             return saved or EvalRun([], 0.0, 0)  # a process that could not read it: only process 0's are written
         run = self._evaluate(decoder(), items, "before")
-        if distributed.is_main():
-            save_generations(uri, key, run)
+        self.dir.write_json(EVAL_BEFORE_GENERATIONS, generations_record(key, run), artifact=False)
         return run
 
     def _evaluate(self, decoder: Decoder, items, phase: str) -> EvalRun:
@@ -368,7 +272,24 @@ class Run:
                   seconds=round(run.seconds, 2), tokens_per_s=round(run.tokens_per_s, 1))
         return run
 
-    def _on_step(self, report: StepReport) -> None:
+    def _train(self, built: BuiltModel, train_stream: Prefetch, held_out: list, mesh) -> TrainResult:
+        self.status.set(state="training", phase=None)
+        with tempfile.TemporaryDirectory(prefix="tensorboard-") as tb_dir, _on(mesh):
+            holdout_batches = list(distributed.local_batches(eval_batches(self.m, held_out), mesh))
+            trainer = Trainer(built.model, self.m.training, self, self.stop,
+                              checkpoint_dir=self.dir.path(CHECKPOINTS), tensorboard_dir=tb_dir)
+            self.resumed_from = trainer.restored_step
+            self.metrics.resume_from(self.resumed_from)
+            if self.resumed_from:
+                logs.info("resuming from checkpoint", step=self.resumed_from)
+            result = trainer.train(train_stream, holdout_batches)
+            self.metrics.flush()
+            self.dir.upload(tb_dir, TENSORBOARD)  # Tunix logs TensorBoard on process 0 only
+        return result
+
+    # -- what the trainer tells the run (train.TrainingListener) ---------------------------------
+
+    def on_step(self, report: StepReport) -> None:
         line = {"step": report.step, "loss": report.loss, "learning_rate": report.learning_rate,
                 "tokens_per_s": round(report.tokens_per_s, 1), "elapsed_s": round(report.elapsed_s, 3)}
         self.metrics.add(line)
@@ -379,65 +300,70 @@ class Run:
         if report.step % spec.log_every_steps == 0:
             self.metrics.flush()
 
-    def _on_checkpoint(self, step: int) -> None:
+    def on_checkpoint(self, step: int) -> None:
         # Before the save: the metrics a resumed run keeps reach storage first.
         self.metrics.flush()
         logs.info("saving checkpoint", step=step)
 
-    def _on_eval(self, step: int, eval_loss: float) -> None:
+    def on_eval(self, step: int, eval_loss: float) -> None:
         every = self.m.training.eval_every_steps or self.m.training.steps + 1
         if step and step == self.resumed_from and step % every:
             return  # Tunix evaluates when it resumes; an uninterrupted run has no eval point here
         self.metrics.add({"step": step, "eval_loss": eval_loss})
         logs.info("eval loss", step=step, eval_loss=eval_loss)
 
+    # -- outputs ----------------------------------------------------------------------------------
+
+    def _write_final(self, built: BuiltModel, tokenizer, mesh) -> None:
+        """final/: the weights (all processes, Orbax), then how to rebuild them and the tokenizer."""
+        m = self.m
+        with _on(mesh):
+            save_final_weights(built, self.dir.path(FINAL), m.training.lora)
+        self.dir.write_bytes(f"{FINAL}/tokenizer.model", tokenizer.processor.serialized_model_proto())
+        self.dir.write_json(f"{FINAL}/model.json", final_description(built, m.model, m.training.lora))
+        self.dir.register_tree(FINAL)
+
     def _write_outputs(self, before: EvalRun, after: EvalRun, counts: DataCounts) -> None:
+        """Eval traces, import batches, the delta report and loss curve, the record; `_SUCCESS` last."""
         m = self.m
         traces = {}
         for phase, run in (("before", before), ("after", after)):
             traces[phase] = [outputs.eval_trace(r, phase, self.run_id) for r in run.results]
-            io.write_text(self.path(f"eval_{phase}.jsonl"), "".join(json.dumps(t) + "\n" for t in traces[phase]))
-        batch_uris = outputs.write_import_batches(self.run_uri, traces["before"] + traces["after"])
+            self.dir.write_jsonl(f"eval_{phase}.jsonl", traces[phase])
+        for name, batch in outputs.import_batch_files(traces["before"] + traces["after"]):
+            self.dir.write_json(name, batch)
 
         decode = {"strategy": "greedy", "temperature": 0.0, "max_new_tokens": m.eval.max_new_tokens,
                   "max_prompt_len": m.eval.max_prompt_len, "batch_size": m.eval.batch_size,
                   "stop_tokens": ["<end_of_turn>", "<eos>"],
                   "tokens_per_s": {"before": round(before.tokens_per_s, 1), "after": round(after.tokens_per_s, 1)}}
-        data = counts.as_dict()
+        self.metrics.write_whole()
+        losses = self.metrics.losses
         report = build_delta_report(before.results, after.results, run_id=self.run_id, eval_uri=logs.redact(m.eval.uri),
-                                    eval_sha256=self.record["eval_sha256"], decode=decode,
-                                    losses=self.metrics.losses, data_counts=data)
-        with tempfile.TemporaryDirectory() as tmp:
-            png = os.path.join(tmp, "loss_curve.png")
-            plot_loss_curve(self.metrics.losses, png)
-            io.upload(png, self.path("loss_curve.png"))
-        io.write_json(self.path("delta_report.json"), report)
-        io.write_text(self.path("delta_report.md"), render_markdown(report))
+                                    eval_sha256=self.record.eval_sha256, decode=decode,
+                                    losses=losses, data_counts=counts.as_dict())
+        self.dir.write_with("loss_curve.png", lambda path: plot_loss_curve(losses, path))
+        self.dir.write_json("delta_report.json", report)
+        self.dir.write_text("delta_report.md", render_markdown(report))
 
-        self.record["ended_at"] = utc_now()
-        self._write_record()
+        self.record.ended_at = utc_now()
+        self.dir.write_record(self.record)
         self.status.set(state="succeeded", phase=None)
-        artifacts = ["run_manifest.json", "status.json", "metrics.jsonl", "rejects.jsonl", "eval_before.jsonl",
-                     "eval_after.jsonl", "delta_report.json", "delta_report.md", "loss_curve.png"]
-        artifacts += [f"{outputs.IMPORT_DIR}/{io.basename(u)}" for u in batch_uris]
-        artifacts += _files_under(self.path("final"), "final")
-        outputs.write_success(self.run_uri, artifacts)
-        logs.info("run succeeded", run_dir=self.run_uri,
+        self.dir.write_success()
+        logs.info("run succeeded", run_dir=self.dir.uri,
                   flexible_before=report["before"]["flexible_accuracy"], flexible_after=report["after"]["flexible_accuracy"])
-
-    def _write_record(self) -> None:
-        if distributed.is_main():
-            io.write_json(self.path("run_manifest.json"), logs.redact(self.record))
 
     def _safe_status(self, **fields) -> None:
         """Best effort, one attempt each: the failure itself may be the storage."""
         with io.single_attempt():
             with contextlib.suppress(Exception):
                 self.status.set(**fields)
-            if self.record:
+            if self.record is not None:
                 with contextlib.suppress(Exception):
-                    self.record["ended_at"] = utc_now()
-                    self._write_record()
+                    self.record.ended_at = utc_now()
+                    self.dir.write_record(self.record)
+
+    # -- stopping ---------------------------------------------------------------------------------
 
     def lose_lease(self, reason: str) -> None:
         """Another process owns the run directory now: stop like on SIGTERM, at the next boundary."""
@@ -454,29 +380,5 @@ class Run:
             raise Preempted(f"stopped by {self.stop_reason}; run the same manifest again to resume")
 
 
-_TRANSIENT_STATUS = ("UNAVAILABLE:", "DEADLINE_EXCEEDED:", "RESOURCE_EXHAUSTED:", "ABORTED:")
-
-
-def transient_cause(err: BaseException | None) -> bool:
-    """True when the error, or one it was raised from, is a network or storage outage: a connection or
-    timeout error, or a gRPC/absl status that says "try again" (how tensorstore, under Orbax, fails)."""
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, (ConnectionError, TimeoutError)) or any(code in str(err) for code in _TRANSIENT_STATUS):
-            return True
-        err = err.__cause__ or err.__context__
-    return False
-
-
 def _trainable_kind(m: Manifest):
     return nnx.LoRAParam if m.training.lora is not None else nnx.Param
-
-
-def _files_under(uri: str, prefix: str) -> list[str]:
-    found = []
-    for child in io.listdir(uri):
-        name = f"{prefix}/{io.basename(child)}"
-        sub = io.listdir(child)
-        found.extend(_files_under(child, name) if sub else [name])
-    return found

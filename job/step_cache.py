@@ -11,13 +11,8 @@ supplies the executable.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import importlib.metadata
-import json
 import re
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -25,9 +20,9 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from job import distributed, io, logs
+from job.provenance import program_key
 
 CACHE_SUBDIR = "exported-steps"
-KEYED_PACKAGES = ("jax", "jaxlib", "flax", "google-tunix", "optax", "qwix")
 
 
 class CachedStep:
@@ -85,16 +80,13 @@ class CachedStep:
         root = jax.config.jax_compilation_cache_dir
         if not root:
             return None
-        parts = {
-            "step": self.name, **self.key_parts,
-            "code": code_digest(), "versions": _versions(),
-            "devices": [(d.platform, d.device_kind) for d in jax.devices()], "processes": jax.process_count(),
-            "tracing": [jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision],
+        key = program_key(
+            step=self.name, **self.key_parts,
+            devices=[(d.platform, d.device_kind) for d in jax.devices()], processes=jax.process_count(),
+            tracing=[jax.config.jax_enable_x64, jax.config.jax_default_matmul_precision],
             # nnx's repr of the graph names functions by address: drop the addresses.
-            "graph": re.sub(r"0x[0-9a-f]+", "", repr(self._graphdef)),
-            "state": [str(a) for a in state_avals], "inputs": [str(input_tree), *map(str, input_avals)],
-        }
-        key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode("utf-8")).hexdigest()
+            graph=re.sub(r"0x[0-9a-f]+", "", repr(self._graphdef)),
+            state=[str(a) for a in state_avals], inputs=[str(input_tree), *map(str, input_avals)])
         return io.join(root, CACHE_SUBDIR, f"{self.name}-{key[:32]}.jaxexport")
 
 
@@ -122,15 +114,3 @@ def _save(uri: str, exported: jax.export.Exported) -> None:
                      error=f"{type(err).__name__}: {err}")
 
 
-@functools.cache  # constant for the process; read once, not per compiled step
-def code_digest() -> str:
-    """A digest of this package's source: what the job computes may change with any of it."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.rglob("*.py")):
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
-
-
-@functools.cache
-def _versions() -> dict:
-    return {name: importlib.metadata.version(name) for name in KEYED_PACKAGES}

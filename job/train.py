@@ -14,16 +14,17 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 import jax.numpy as jnp
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.interpreters import pxla
+from tunix.sft import hooks as tunix_hooks
 from tunix.sft import peft_trainer
 
-from job import distributed
+from job import distributed, tunix_compat
 from job.manifest import TrainingSpec
 from job.step_cache import CachedStep
 from job.tokens import Batch
@@ -134,16 +135,28 @@ class StepReport:
     elapsed_s: float
 
 
-class _Hooks:
-    """Tunix training hooks: per-step metrics out, eval loss out, and a stop request honoured between steps."""
+class TrainingListener(Protocol):
+    """What a run hears from its trainer."""
 
-    def __init__(self, spec: TrainingSpec, on_step: Callable[[StepReport], None],
-                 on_eval: Callable[[int, float], None], eval_batches: int, stop: threading.Event):
+    def on_step(self, report: StepReport) -> None:
+        """A step's loss (a step may be reported twice: early, just before its checkpoint, then by Tunix)."""
+
+    def on_eval(self, step: int, eval_loss: float) -> None:
+        """The held-out loss, measured at `step`."""
+
+    def on_checkpoint(self, step: int) -> None:
+        """A checkpoint of `step` is about to be written (its loss was reported already)."""
+
+
+class _Hooks(tunix_hooks.TrainingHooks):
+    """Tunix training hooks: per-step metrics and eval loss to the listener, a stop request honoured between steps."""
+
+    def __init__(self, spec: TrainingSpec, listener: TrainingListener, stop: threading.Event):
         self.schedule = learning_rate_schedule(spec)
         self.tokens_per_step = spec.batch_size * spec.max_seq_len * spec.grad_accum_steps
-        self.on_step, self.on_eval, self.eval_batches = on_step, on_eval, eval_batches
+        self.listener, self.stop = listener, stop
+        self.eval_batches = 0  # set by Trainer.train: Tunix reports the eval loss summed over them
         self.started = self.last = time.perf_counter()
-        self.stop = stop
 
     def on_train_start(self, trainer):
         self.started = self.last = time.perf_counter()
@@ -154,11 +167,10 @@ class _Hooks:
     def on_train_step_start(self, trainer):
         # Agreed by all processes each step (one tiny collective), so a SIGTERM to any stops all at the same step.
         if distributed.any_process(self.stop.is_set()):
-            # The loop checks max_steps before each step: the step running now is the last one.
-            trainer.config.max_steps = trainer.train_steps
+            tunix_compat.stop_after_current_step(trainer)
 
     def on_train_step_end(self, trainer, step, loss):
-        self.on_step(self.report(step, loss))
+        self.listener.on_step(self.report(step, loss))
 
     def report(self, step, loss) -> StepReport:
         now = time.perf_counter()
@@ -172,7 +184,15 @@ class _Hooks:
         pass
 
     def on_eval_step_end(self, trainer, eval_loss):
-        self.on_eval(trainer.train_steps, float(eval_loss) / max(1, self.eval_batches))
+        self.listener.on_eval(trainer.train_steps, float(eval_loss) / max(1, self.eval_batches))
+
+    def before_checkpoint(self, step: int, pending_loss: float | None) -> None:
+        """Make every checkpoint's step loss known (and flushed) before the checkpoint is written:
+        Tunix saves step k before it reports step k's loss, and a run killed in between would resume
+        past a loss nobody logged."""
+        if pending_loss is not None:
+            self.listener.on_step(self.report(step, pending_loss))
+        self.listener.on_checkpoint(step)
 
 
 @dataclasses.dataclass
@@ -182,31 +202,17 @@ class TrainResult:
     stopped_early: bool  # a stop was requested (preemption): the checkpoint at end_step is the resume point
 
 
-class _PeftTrainer(peft_trainer.PeftTrainer):
-    """Tunix's trainer, its train and eval steps compiled through step_cache (warm starts) instead of
-    nnx.jit: the same step functions, traced once per cache key rather than once per process."""
-
-    def __init__(self, *args, cache_key: dict, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.cache_key = cache_key
-
-    def jit_train_and_eval_step(self, skip_jit: bool = False, cache_nnx_graph: bool = False):
-        if self._jitted_train_step_fn is None:
-            self._shard_optimizer(pxla.thread_resources.env.physical_mesh)  # as Tunix does before jitting
-            self._jitted_train_step_fn = CachedStep("train", self.create_train_step_fn(),
-                                                    (self.model, self.optimizer), True, self.cache_key)
-            self._jitted_eval_step_fn = CachedStep("eval", self.create_eval_step_fn(), (self.model,), False,
-                                                   self.cache_key)
-        return self._jitted_train_step_fn, self._jitted_eval_step_fn
-
-
 class Trainer:
-    """Owns the Tunix trainer for one run. Setting `stop` (from a signal handler, say) ends training
-    after the step in flight, with a checkpoint of it."""
+    """Owns the Tunix trainer for one run: checkpoints in `checkpoint_dir` (restored from when they
+    are there), TensorBoard events in `tensorboard_dir`, what happens told to `listener`. Setting
+    `stop` (from a signal handler, say) ends training after the step in flight, with a checkpoint of it.
 
-    def __init__(self, model: nnx.Module, spec: TrainingSpec, checkpoint_dir: str, tensorboard_dir: str,
-                 on_step: Callable[[StepReport], None], on_eval: Callable[[int, float], None],
-                 eval_batches: int, stop: threading.Event, on_checkpoint: Callable[[int], None]):
+    The train and eval steps are compiled through step_cache (warm starts) instead of nnx.jit: the
+    same step functions, traced once per cache key rather than once per process.
+    """
+
+    def __init__(self, model: nnx.Module, spec: TrainingSpec, listener: TrainingListener, stop: threading.Event,
+                 checkpoint_dir: str, tensorboard_dir: str):
         if "://" not in checkpoint_dir:
             checkpoint_dir = os.path.abspath(checkpoint_dir)  # Orbax fails later, in a thread, on relative paths
         config = peft_trainer.TrainingConfig(
@@ -221,33 +227,14 @@ class Trainer:
             pbar_description="Training",
         )
         self.spec = spec
-        self.hooks = _Hooks(spec, on_step, on_eval, eval_batches, stop)
-        self.trainer = _PeftTrainer(model, optimizer(spec), config, cache_key={"training": spec.model_dump(mode="json")})
+        self.hooks = _Hooks(spec, listener, stop)
+        cache_key = {"training": spec.model_dump(mode="json")}
+        trainer_class = tunix_compat.trainer_class(
+            lambda name, fn, objs, updates: CachedStep(name, fn, objs, updates, cache_key))
+        self.trainer = trainer_class(model, optimizer(spec), config)
         self.trainer.with_gen_model_input_fn(model_inputs)
         self.trainer.with_training_hooks(self.hooks)
-        self._report_before_checkpoints(on_step, on_checkpoint)
-
-    def _report_before_checkpoints(self, on_step, on_checkpoint) -> None:
-        """Make every checkpoint's step loss known (and flushed) before the checkpoint is written.
-
-        Tunix reports step k's loss only after step k+1 is dispatched, but saves step k's checkpoint
-        before that: a run killed in between would resume past a loss nobody logged. So, just before
-        a save, report the pending loss (Tunix's own buffer for it, the value it reports later) and
-        let the run flush its metrics. Relies on tunix 0.1.7 internals (pinned).
-        """
-        tunix_manager = self.trainer.checkpoint_manager
-        orbax_manager = tunix_manager._checkpoint_manager
-        save = tunix_manager.save
-
-        def save_after_reporting(step, *args, force=False, **kwargs):
-            if orbax_manager is not None and (force or orbax_manager.should_save(step)):
-                pending = self.trainer._prev_buffered_train_metrics
-                if pending is not None and pending.step + 1 == step:
-                    on_step(self.hooks.report(step, pending.loss))
-                on_checkpoint(step)
-            return save(step, *args, force=force, **kwargs)
-
-        tunix_manager.save = save_after_reporting
+        tunix_compat.before_checkpoint_save(self.trainer, self.hooks.before_checkpoint)
 
     @property
     def restored_step(self) -> int:
@@ -256,10 +243,11 @@ class Trainer:
     def train(self, train_batches: Iterable[Batch], eval_batches: list[Batch]) -> TrainResult:
         """Train on `train_batches` (a Prefetch started early, so that the step never waits for data)."""
         start = self.trainer.train_steps
+        self.hooks.eval_batches = len(eval_batches)
         if start < self.spec.steps or eval_batches:
             # Even with every step done (a run killed after its last checkpoint), Tunix's train()
             # evaluates the restored model first: the final eval loss is measured again, not lost.
-            # skip_jit: the steps are compiled by _PeftTrainer; it only skips Tunix's nnx.jit cache report.
+            # skip_jit: the steps are compiled by step_cache; it only skips Tunix's nnx.jit cache report.
             self.trainer.train(train_batches, eval_batches or None, skip_jit=True)
         else:
             self.trainer.close()

@@ -14,7 +14,6 @@ BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import platform
@@ -190,15 +189,21 @@ def worker_train(args: dict) -> dict:
 
     marks: list[tuple[int, float, float]] = []  # step, wall, cpu seconds when reported
 
-    def on_step(report):
-        now = time.time()
-        first_step_at.setdefault("t", now)
-        marks.append((report.step, time.perf_counter(), cpu_seconds()))
+    class Timing:  # the trainer's listener (job.train.TrainingListener): times each step
+        def on_step(self, report):
+            first_step_at.setdefault("t", time.time())
+            marks.append((report.step, time.perf_counter(), cpu_seconds()))
+
+        def on_eval(self, step, eval_loss):
+            pass
+
+        def on_checkpoint(self, step):
+            pass
 
     work = Path(args["work"])
     train_started = time.time()
-    trainer = Trainer(built.model, m.training, str(work / "ckpt"), str(work / "tb"), on_step,
-                      lambda step, loss: None, 0, threading.Event(), on_checkpoint=lambda step: None)
+    trainer = Trainer(built.model, m.training, Timing(), threading.Event(),
+                      checkpoint_dir=str(work / "ckpt"), tensorboard_dir=str(work / "tb"))
     with stream:
         trainer.train(stream, [])
     # Steady state: skip the compile, the step-1 checkpoint and the final save.
@@ -320,7 +325,8 @@ def worker_profile(args: dict) -> dict:
     import jax.numpy as jnp
     import numpy as np
     from flax import nnx
-    from tunix.sft.peft_trainer import _default_loss_fn
+
+    from job.tunix_compat import default_loss_fn
 
     from job.manifest import ModelSpec, TrainingSpec
     from job.model import build_model
@@ -339,7 +345,7 @@ def worker_profile(args: dict) -> dict:
 
     def step(state, inputs):
         model, opt = nnx.merge(graphdef, state)
-        loss, grads = nnx.value_and_grad(_default_loss_fn)(model, **inputs)
+        loss, grads = nnx.value_and_grad(default_loss_fn())(model, **inputs)
         opt.update(model, grads)
         return nnx.state((model, opt)), loss
 
@@ -633,14 +639,8 @@ def variant_speedups(variants: dict) -> dict:
 
 
 def machine() -> dict:
-    import importlib.metadata
+    from job.provenance import utc_now, versions
 
-    versions = {}
-    for name in ("google-tunix", "jax", "jaxlib", "flax", "optax"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -650,8 +650,8 @@ def machine() -> dict:
     except OSError:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "usable_cores": len(os.sched_getaffinity(0)),
-            "platform": platform.platform(), "python": platform.python_version(), "versions": versions,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "platform": platform.platform(), "python": platform.python_version(), "versions": versions(),
+            "date": utc_now(),
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "load_average_1m_at_start": LOAD_AT_START}
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 from tunix.models.gemma3 import model as gemma3
-from tunix.sft.peft_trainer import _default_loss_fn
 
 from job.manifest import LoraSpec, ModelSpec
+from job.tunix_compat import default_loss_fn
 from job.model import apply_lora, build_model, model_config, random_model
 
 VOCAB = 512
@@ -48,7 +48,7 @@ def _loss_and_grads(model):
     graph, params, rest = nnx.split(model, nnx.Param, ...)
 
     def loss(p):
-        return _default_loss_fn(nnx.merge(graph, p, rest), *_batch())
+        return default_loss_fn()(nnx.merge(graph, p, rest), *_batch())
 
     custom = str(jax.make_jaxpr(loss)(params)).count("custom_vjp_call")
     value, grads = jax.jit(jax.value_and_grad(loss))(params)

@@ -36,8 +36,19 @@ def train(work: Path, *overrides: str) -> tuple[list[float], list[np.ndarray]]:
     tok = load_tokenizer(None)
     model = build_model(m.model, None, m.seed, tok.vocab_size, str(work / "cache")).model
     losses: list[float] = []
-    trainer = Trainer(model, m.training, str(work / "ckpt"), str(work / "tb"), lambda r: losses.append(r.loss),
-                      lambda step, loss: None, 0, threading.Event(), on_checkpoint=lambda step: None)
+
+    class Listener:
+        def on_step(self, report):
+            losses.append(report.loss)
+
+        def on_eval(self, step, eval_loss):
+            pass
+
+        def on_checkpoint(self, step):
+            pass
+
+    trainer = Trainer(model, m.training, Listener(), threading.Event(),
+                      checkpoint_dir=str(work / "ckpt"), tensorboard_dir=str(work / "tb"))
     trainer.train(training_batches(m, tok, m.seed), [])
     return losses, [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
