@@ -15,9 +15,10 @@ import sys
 import time
 from pathlib import Path
 
+from backend_validation import validate_trace
+
 from job import io
 from job.errors import EXIT_OK, EXIT_RETRIABLE
-from job.outputs import validate_trace
 
 ROOT = Path(__file__).resolve().parent.parent
 DEMO = ROOT / "manifests" / "local_tiny.json"
