@@ -210,11 +210,10 @@ def _significance(p: float, fixed: int, broken: int, n: int) -> str:
     )
 
 
-def render_markdown(report: dict, loss_curve: str | None = "loss_curve.png") -> str:
-    """The report for people: headline numbers first, then where they come from."""
+def _md_headline(report: dict) -> list[str]:
+    """The title, the before/after scores table and what its scores mean."""
     b, a, d = report["before"], report["after"], report["delta"]
-    fixed, broken, unchanged = report["fixed"], report["broken"], report["unchanged"]
-    lines = [
+    return [
         f"# Delta report: run `{report['run_id']}`",
         "",
         "| score | before | after | delta |",
@@ -231,16 +230,29 @@ def render_markdown(report: dict, loss_curve: str | None = "loss_curve.png") -> 
         "Strict: the reply has an `Answer:` line whose text matches the expected answer. Flexible: the "
         "extracted answer (that line, else the last number) matches, or the expected answer appears in "
         "the answer line. Format compliance: an `Answer:` line and generation that stopped by itself.",
-        "",
-        _significance(report["mcnemar_p"], len(fixed), len(broken), b["n"])
-        + f" On strict outcomes p = {report['mcnemar_p_strict']:.4g}.",
-        "",
+    ]
+
+
+def _md_significance(report: dict) -> list[str]:
+    return [
+        _significance(report["mcnemar_p"], len(report["fixed"]), len(report["broken"]), report["before"]["n"])
+        + f" On strict outcomes p = {report['mcnemar_p_strict']:.4g}."
+    ]
+
+
+def _md_items(report: dict) -> list[str]:
+    fixed, broken, unchanged = report["fixed"], report["broken"], report["unchanged"]
+    return [
         "## Items",
         "",
         f"- fixed (wrong before, right after): {len(fixed)}: {_ids(fixed)}",
         f"- broken (right before, wrong after): {len(broken)}: {_ids(broken)}",
         f"- unchanged: {len(unchanged)}: {_ids(unchanged)}",
-        "",
+    ]
+
+
+def _md_per_category(report: dict) -> list[str]:
+    lines = [
         "## Per category",
         "",
         "| category | n | before strict | before flexible | after strict | after flexible |",
@@ -251,9 +263,12 @@ def render_markdown(report: dict, loss_curve: str | None = "loss_curve.png") -> 
             f"| {_cell(name)} | {c['n']} | {_pct(c['before_strict'])} | {_pct(c['before_flexible'])} "
             f"| {_pct(c['after_strict'])} | {_pct(c['after_flexible'])} |"
         )
+    return lines
 
+
+def _md_training(report: dict, loss_curve: str | None) -> list[str]:
     loss = report["loss"]
-    lines += ["", "## Training", ""]
+    lines = ["## Training", ""]
     if loss["points"]:
         lines.append(
             f"Loss over {loss['steps']} steps: first {_num(loss['first'])}, last {_num(loss['last'])}, "
@@ -266,36 +281,59 @@ def render_markdown(report: dict, loss_curve: str | None = "loss_curve.png") -> 
         lines += ["", f"![loss curve]({loss_curve})"]
     lines += ["", "| data | count |", "| --- | ---: |"]
     lines += [f"| {_cell(str(k).replace('_', ' '))} | {_cell(v)} |" for k, v in report["data"].items()]
+    return lines
 
-    lines += ["", "## Evaluation", "", f"- eval set: `{report['eval_uri']}`", f"- eval sha256: `{report['eval_sha256']}`"]
+
+def _md_evaluation(report: dict) -> list[str]:
+    lines = ["## Evaluation", "", f"- eval set: `{report['eval_uri']}`", f"- eval sha256: `{report['eval_sha256']}`"]
     lines += [f"- {k}: `{v}`" for k, v in report["decode"].items()]
+    return lines
 
-    lines += ["", "## Examples", ""]
-    fixed_set, broken_set = set(fixed), set(broken)
+
+def _md_reply(phase: str, side: dict) -> list[str]:
+    """One side of an example: what was extracted, how it scored, and the (truncated) reply."""
+    verdict = "strict" if side["strict"] else "flexible" if side["flexible"] else "wrong"
+    return [
+        f"{phase.capitalize()}: extracted "
+        + (f"`{_cell(side['extracted'])}`" if side["extracted"] is not None else "nothing")
+        + f" ({verdict}"
+        + ("" if side["finished"] else ", did not stop")
+        + ")",
+        "",
+        _fenced(_truncate(side["output"])),
+    ]
+
+
+def _md_examples(report: dict) -> list[str]:
+    lines = ["## Examples"]
+    fixed_set, broken_set = set(report["fixed"]), set(report["broken"])
     for ex in report["examples"]:
         tag = "fixed" if ex["id"] in fixed_set else "broken" if ex["id"] in broken_set else "unchanged"
         lines += [
+            "",
             f"### `{ex['id']}` ({tag}, {ex['category']})",
             "",
             f"Expected: `{_cell(ex['expected'])}`",
             "",
             _fenced(_truncate(ex["prompt"])),
-            "",
         ]
         for phase in ("before", "after"):
-            side = ex[phase]
-            verdict = "strict" if side["strict"] else "flexible" if side["flexible"] else "wrong"
-            lines += [
-                f"{phase.capitalize()}: extracted "
-                + (f"`{_cell(side['extracted'])}`" if side["extracted"] is not None else "nothing")
-                + f" ({verdict}"
-                + ("" if side["finished"] else ", did not stop")
-                + ")",
-                "",
-                _fenced(_truncate(side["output"])),
-                "",
-            ]
-    return "\n".join(lines).rstrip() + "\n"
+            lines += ["", *_md_reply(phase, ex[phase])]
+    return lines
+
+
+def render_markdown(report: dict, loss_curve: str | None = "loss_curve.png") -> str:
+    """The report for people: headline numbers first, then where they come from."""
+    sections = [
+        _md_headline(report),
+        _md_significance(report),
+        _md_items(report),
+        _md_per_category(report),
+        _md_training(report, loss_curve),
+        _md_evaluation(report),
+        _md_examples(report),
+    ]
+    return "\n\n".join("\n".join(section) for section in sections) + "\n"
 
 
 # ---------------------------------------------------------------------------------- loss plot

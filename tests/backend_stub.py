@@ -15,7 +15,9 @@ import uuid
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from job.outputs import MAX_BATCH, trace_errors
+from backend_validation import trace_errors
+
+from job.outputs import MAX_BATCH
 
 BATCH_PATH = "/api/traces/batch"
 

@@ -68,9 +68,9 @@ def gcs_bucket(gcs_server) -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def baseline(tmp_path_factory) -> str:
-    """The run directory of one uninterrupted end-to-end run of the small test configuration (test_run.SMALL),
+    """The run directory of one uninterrupted end-to-end run of the small test configuration (e2e.SMALL),
     which the interrupted, resumed and relocated runs of several test modules must reproduce bit for bit."""
-    from test_run import DEMO, run_job
+    from e2e import DEMO, run_job
 
     from job.errors import EXIT_OK
 

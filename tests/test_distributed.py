@@ -17,12 +17,12 @@ import sys
 
 import numpy as np
 import pytest
+from e2e import DEMO, ROOT, SMALL, outcome, same_result, state_of, wait_for
 
 from job import distributed, io
 from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_RETRIABLE, BadInput
-from test_run import DEMO, ROOT, SMALL, outcome, same_result, state_of, wait_for
 
-# Smaller than test_run's SMALL where the number of processes multiplies the cost.
+# Smaller than e2e's SMALL where the number of processes multiplies the cost.
 FOUR = ["training.steps=2", "training.warmup_steps=1", "training.checkpoint_every_steps=2",
         "training.log_every_steps=1", "training.eval_every_steps=2", "dataset.limit=40", "eval.limit=1",
         "eval.batch_size=1", "eval.max_new_tokens=4"]

@@ -21,8 +21,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from test_resume import Attempt
-from test_run import DEMO, ROOT, outcome, run_job, same_result
+from e2e import DEMO, ROOT, Attempt, outcome, run_job, same_result
 
 from job.errors import EXIT_OK, EXIT_RETRIABLE
 

@@ -8,6 +8,7 @@ import urllib.request
 
 import pytest
 from backend_stub import BackendStub
+from backend_validation import validate_trace
 
 from job.errors import BadInput, Retriable
 from job.formats import EvalItem
@@ -16,7 +17,6 @@ from job.outputs import (
     import_batches,
     import_run,
     reasoning_steps,
-    validate_trace,
     write_import_batches,
     write_success,
 )

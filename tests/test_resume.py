@@ -14,74 +14,21 @@ writes; no test-only code path.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
-import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
-from test_run import DEMO, job_command, outcome, run_job, same_result
+from e2e import DEMO, Attempt, outcome, run_job, same_result
 
 from job import io
 from job.errors import EXIT_OK, EXIT_RETRIABLE
 from job.run import EVAL_BEFORE_GENERATIONS
 
-ROOT = Path(__file__).resolve().parent.parent
 KILL_SEED = 20261125  # the random training step is drawn from this seed: a failure can be replayed
 TMP_MARK = "orbax-checkpoint-tmp"  # Orbax writes a step to "<step>.orbax-checkpoint-tmp-*" and renames it when complete
-
-
-class Attempt:
-    """One run of the job whose JSON log lines are followed as they come."""
-
-    def __init__(self, output_uri: Path | None, manifest: str = str(DEMO), env: dict | None = None):
-        overrides = [f"output.uri={output_uri}"] if output_uri else []
-        self.proc = subprocess.Popen(job_command(manifest, *overrides, "run_id=base"), cwd=ROOT, env=env,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stderr:
-            self.lines.append(line)
-
-    def logged(self, message: str, **fields) -> bool:
-        for line in list(self.lines):
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record.get("message") == message and all(record.get(k) == v if not callable(v) else v(record.get(k))
-                                                         for k, v in fields.items()):
-                return True
-        return False
-
-    def wait(self, condition, what: str, timeout: float = 180, poll: float = 0.005) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if condition():
-                return
-            if self.proc.poll() is not None:
-                self.reader.join(5)
-                raise AssertionError(f"the job ended (exit {self.proc.returncode}) before {what}:\n"
-                                     + "".join(self.lines)[-3000:])
-            time.sleep(poll)
-        raise AssertionError(f"timed out waiting for {what}")
-
-    def stop(self, sig: int) -> int:
-        self.proc.send_signal(sig)
-        self.proc.wait(timeout=120)
-        self.reader.join(10)
-        return self.proc.returncode
-
-    @property
-    def stderr(self) -> str:
-        return "".join(self.lines)
 
 
 # (point, how the test finds it, signals tried there): the README's kill table.

@@ -11,57 +11,23 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
+from backend_validation import validate_trace
+from e2e import DEMO, ROOT, SMALL, job_command, outcome, run_job, same_result, state_of, wait_for
+
 from job import io
 from job.errors import EXIT_OK, EXIT_RETRIABLE
-from job.outputs import validate_trace
 
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "manifests" / "local_tiny.json"
-SMALL = [
-    "training.steps=8", "training.batch_size=4", "training.warmup_steps=2", "training.checkpoint_every_steps=2",
-    "training.log_every_steps=2", "training.eval_every_steps=4", "dataset.limit=200", "dataset.holdout=4",
-    "eval.limit=6", "eval.batch_size=6", "eval.max_new_tokens=24",
-    "training.max_seq_len=144",  # two examples per row: the runs train packed batches
-]
 ARTIFACTS = ["run_manifest.json", "status.json", "metrics.jsonl", "rejects.jsonl", "eval_before.jsonl",
              "eval_after.jsonl", "delta_report.json", "delta_report.md", "loss_curve.png",
              "import/traces-00001.json", "final/model.json", "final/tokenizer.model"]
 
 
-def job_command(manifest: str, *overrides: str) -> list[str]:
-    args = [sys.executable, "-m", "job", "run", "--manifest", manifest]
-    for override in [*SMALL, *overrides]:
-        args += ["--set", override]
-    return args
-
-
-def run_job(manifest: str, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(job_command(manifest, *overrides), cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
 def start_job(manifest: str, *overrides: str) -> subprocess.Popen:
     return subprocess.Popen(job_command(manifest, *overrides), cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-
-
-def wait_for(condition, timeout: float = 120, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def state_of(run_uri: str) -> dict:
-    try:
-        return io.read_json(io.join(run_uri, "status.json"))
-    except Exception:  # not written yet, or being replaced
-        return {}
 
 
 def terminate_in_state(output_uri, run_uri: str, state: str) -> str:
@@ -72,46 +38,6 @@ def terminate_in_state(output_uri, run_uri: str, state: str) -> str:
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_RETRIABLE, stderr[-3000:]
     return stderr
-
-
-def outcome(run_uri: str) -> dict:
-    """What must not depend on how the run got there: losses, eval losses, generations, final weights' bytes."""
-    lines = [json.loads(x) for x in io.read_text(io.join(run_uri, "metrics.jsonl")).splitlines()]
-    generations = {phase: [json.loads(x)["meta"]["raw_output"]
-                           for x in io.read_text(io.join(run_uri, f"eval_{phase}.jsonl")).splitlines()]
-                   for phase in ("before", "after")}
-    return {
-        "losses": [(x["step"], x["loss"]) for x in lines if "loss" in x],
-        "eval_losses": [(x["step"], x["eval_loss"]) for x in lines if "eval_loss" in x],
-        "generations": generations,
-        "final_params": final_params(run_uri),
-    }
-
-
-def final_params(run_uri: str) -> dict:
-    import jax
-    import numpy as np
-    import orbax.checkpoint as ocp
-
-    path = io.join(run_uri, "final", "params")
-    path = path if "://" in path else os.path.abspath(path)
-    checkpointer = ocp.StandardCheckpointer()
-    # Onto this process's one device, whatever the device layout the weights were written from.
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                          checkpointer.metadata(path).item_metadata.tree)
-    restored = checkpointer.restore(path, target)
-    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(restored)}
-
-
-def same_result(a: dict, b: dict) -> None:
-    assert a["losses"] == b["losses"]
-    assert a["eval_losses"] == b["eval_losses"]
-    assert a["generations"] == b["generations"]
-    assert a["final_params"] and a["final_params"].keys() == b["final_params"].keys()
-    for name, value in a["final_params"].items():
-        assert value.dtype == b["final_params"][name].dtype
-        assert value.tobytes() == b["final_params"][name].tobytes(), name
 
 
 def test_run_directory_is_complete(baseline):

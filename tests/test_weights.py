@@ -1,4 +1,4 @@
-"""Tests for job/weights.py on the tiny Gemma 3: HF safetensors export and loading, Google's Orbax
+"""Tests for job/weights.py on the tiny Gemma 3: HF safetensors (written by hf_export.py), Google's Orbax
 layout, the job's own params checkpoints (local and on a GCS-protocol server), and the errors."""
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 from gemma_upstream import save_upstream
+from hf_export import export_safetensors
 
 from job import io, model, weights
 from job.errors import BadInput
@@ -59,7 +60,7 @@ def tiny_params(tiny):
 @pytest.fixture(scope="module")
 def exported(tiny, config, tmp_path_factory) -> str:
     out = str(tmp_path_factory.mktemp("hf"))
-    weights.export_safetensors(tiny, config, out)
+    export_safetensors(tiny, config, out)
     return out
 
 
@@ -149,16 +150,16 @@ def test_safetensors_from_gcs_are_fetched_to_the_cache(exported, config, tiny_pa
 
 def test_sharded_export_loads_bit_identical(tiny, config, tiny_params, tmp_path):
     out = tmp_path / "sharded"
-    weights.export_safetensors(tiny, config, str(out), shard_bytes=2 * 2**20)
+    export_safetensors(tiny, config, str(out), shard_bytes=2 * 2**20)
     files = sorted(os.listdir(out))
     shards = [f for f in files if f.endswith(".safetensors")]
     assert len(shards) > 1 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)
     # A second, unsharded export into the same place leaves no stale shard behind.
-    weights.export_safetensors(tiny, config, str(out))
+    export_safetensors(tiny, config, str(out))
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
-    weights.export_safetensors(tiny, config, str(out), shard_bytes=2 * 2**20)
+    export_safetensors(tiny, config, str(out), shard_bytes=2 * 2**20)
     loaded = weights.load_pretrained(config, str(out), "safetensors", "float32", str(tmp_path / "cache"))
     assert_bit_identical(params_of(loaded), tiny_params)
 
@@ -171,7 +172,7 @@ def test_bfloat16_is_honoured(exported, config, tiny_params, tmp_path):
 
 def test_export_refuses_a_model_with_lora_adapters(lora_model, config, tmp_path):
     with pytest.raises(ValueError, match="LoRA"):
-        weights.export_safetensors(lora_model, config, str(tmp_path))
+        export_safetensors(lora_model, config, str(tmp_path))
 
 
 # -------------------------------------------------------------------------- Google Orbax layout
