@@ -20,10 +20,12 @@ from job.errors import BadInput
 
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
+EOS = "<eos>"
+STOP_TOKENS = (END_OF_TURN, EOS)  # where decoding stops: the end of the model's turn, or of the text
 # Gemma's special tokens, in the order they are reported. The turn markers in a prompt or an answer
 # would be tokenized as the markers themselves and could forge or close a turn; the others must not
 # read as control tokens either. Text holding one is refused rather than silently escaped.
-RESERVED_MARKERS = (START_OF_TURN, END_OF_TURN, "<bos>", "<eos>", "<pad>")
+RESERVED_MARKERS = (START_OF_TURN, END_OF_TURN, "<bos>", EOS, "<pad>")
 
 FORMATS = ("trace", "tunix_sft", "training_example", "reasoning_trace", "messages", "prompt_completion")
 DETECT_WINDOW = 20  # records looked at before auto-detection gives up
@@ -278,25 +280,26 @@ def _from_messages(obj: dict, n: int) -> tuple[str, tuple[Turn, ...]]:
 
 
 # The backend's ReasoningTrace limits (a trace breaking one is answered with HTTP 422 there).
-_TRACE_VERSION_MAX = 64
-_TEXT_MAX = 50_000
-_STEPS_MAX = 1_000
-_STEP_TYPE_MAX = 64
-_STEP_CONTENT_MAX = 20_000
+# The backend's ReasoningTrace limits (contract.md): what a trace read here, or written by the job, may hold.
+MAX_TRACE_VERSION = 64
+MAX_TEXT = 50_000  # prompt, final_answer
+MAX_STEPS = 1_000
+MAX_STEP_TYPE = 64
+MAX_STEP_CONTENT = 20_000
 
 
 def _from_reasoning_trace(obj: dict, n: int) -> tuple[str, tuple[Turn, ...]]:
-    _text(obj, "trace_version", max_len=_TRACE_VERSION_MAX)
-    prompt = _text(obj, "prompt", max_len=_TEXT_MAX)
-    answer = _text(obj, "final_answer", max_len=_TEXT_MAX)
+    _text(obj, "trace_version", max_len=MAX_TRACE_VERSION)
+    prompt = _text(obj, "prompt", max_len=MAX_TEXT)
+    answer = _text(obj, "final_answer", max_len=MAX_TEXT)
     meta = _object(obj, "meta")
     if "steps" not in obj:
         raise _Invalid("missing field 'steps'")
     steps = obj["steps"]
     if not isinstance(steps, list):
         raise _Invalid(f"field 'steps' must be an array of step objects, not {_json_type(steps)}")
-    if not 1 <= len(steps) <= _STEPS_MAX:
-        raise _Invalid(f"field 'steps' has {len(steps)} steps; a trace needs 1 to {_STEPS_MAX:,}")
+    if not 1 <= len(steps) <= MAX_STEPS:
+        raise _Invalid(f"field 'steps' has {len(steps)} steps; a trace needs 1 to {MAX_STEPS:,}")
     indexed: dict[int, str] = {}
     for k, step in enumerate(steps):
         name = f"steps[{k}]"
@@ -309,8 +312,8 @@ def _from_reasoning_trace(obj: dict, n: int) -> tuple[str, tuple[Turn, ...]]:
             raise _Invalid(f"field '{name}.i' is {i}; step indices must be >= 0")
         if i in indexed:
             raise _Invalid(f"step indices must be unique; i={i} appears more than once")
-        _text(step, "type", name=f"{name}.type", max_len=_STEP_TYPE_MAX)
-        indexed[i] = _text(step, "content", name=f"{name}.content", max_len=_STEP_CONTENT_MAX)
+        _text(step, "type", name=f"{name}.type", max_len=MAX_STEP_TYPE)
+        indexed[i] = _text(step, "content", name=f"{name}.content", max_len=MAX_STEP_CONTENT)
     contents = tuple(indexed[i] for i in sorted(indexed))
     record_id = _record_id(meta.get("id", obj.get("id")), n)
     return record_id, (Turn("user", text=prompt), Turn("model", steps=contents, final_answer=answer))

@@ -13,13 +13,14 @@ run_manifest.json go through it too.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import os
 import re
 import sys
 from typing import Any
+
+from job.provenance import utc_now
 
 REDACTED = "REDACTED"
 _USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>[^/?#@\s\"']+)@")
@@ -51,10 +52,6 @@ def redact(value: Any) -> Any:
     return value
 
 
-def _now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
-
-
 def log(message: str, severity: str = "INFO", **fields) -> None:
     stream = sys.stderr
     message, fields = redact(message), {k: redact(v) if isinstance(v, (str, list, dict)) else v
@@ -63,7 +60,7 @@ def log(message: str, severity: str = "INFO", **fields) -> None:
         extra = " ".join(f"{k}={_short(v)}" for k, v in fields.items())
         print(redact(f"{severity[0]} {message}" + (f"  {extra}" if extra else "")), file=stream, flush=True)
     else:
-        record = {"severity": severity, "message": message, "time": _now(), **fields}
+        record = {"severity": severity, "message": message, "time": utc_now("milliseconds"), **fields}
         print(redact(json.dumps(record, default=str)), file=stream, flush=True)
 
 

@@ -27,6 +27,8 @@ from pydantic_core import PydanticCustomError
 
 from job import io
 from job.errors import BadInput
+from job.formats import DETECT_WINDOW, FORMATS
+from job.template import DEFAULT_RECIPE, RECIPES
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 SCHEMA_TITLE = "tunix-rt run manifest"
@@ -67,9 +69,9 @@ class DatasetSpec(_Section):
     uri: str = Field(
         min_length=1, description="File to train on (JSONL, optionally .gz); relative to the manifest's folder."
     )
-    format: Literal[
-        "auto", "trace", "tunix_sft", "training_example", "reasoning_trace", "messages", "prompt_completion"
-    ] = Field("auto", description="Record shape; auto detects it from each line.")
+    format: Literal[("auto", *FORMATS)] = Field(
+        "auto", description=f"Record shape; auto detects it from the first {DETECT_WINDOW} records (a file holds one format)."
+    )
     limit: int | None = Field(None, ge=1, description="Read at most this many records (null: all).")
     max_reject_fraction: float = Field(
         0.1, ge=0, le=1, description="Fail the run when more than this fraction of records is rejected."
@@ -81,7 +83,7 @@ class DatasetSpec(_Section):
 class TemplateSpec(_Section):
     """How examples are rendered into Gemma chat turns."""
 
-    recipe: Literal["trace_sft_v1", "trace_sft_v1_m08"] = Field("trace_sft_v1", description="Rendering recipe.")
+    recipe: Literal[tuple(RECIPES)] = Field(DEFAULT_RECIPE, description="Rendering recipe.")
     system_instruction: str | None = Field(None, description="System text folded into the first user turn.")
     step_instruction: str | None = Field(None, description="Instruction added to the user turn asking for steps.")
 

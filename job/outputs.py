@@ -16,10 +16,11 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from datetime import datetime, timezone
 
 from job import io
+from job.provenance import utc_now
 from job.errors import BadInput, Retriable
+from job.formats import MAX_STEP_CONTENT, MAX_STEPS, MAX_TEXT
 from job.score import ItemResult, answer_line_start, visible_text
 
 TRACE_VERSION = "tunix-rt-job-eval/1"
@@ -27,22 +28,11 @@ TRACE_SOURCE = "tunix-rt-job"
 NO_ANSWER = "(no answer)"
 EMPTY_OUTPUT = "(empty output)"
 
-# The backend's ReasoningTrace limits (contract.md); tests/backend_validation.py checks traces against them.
-MAX_TRACE_VERSION = 64
-MAX_TEXT = 50_000  # prompt, final_answer
-MAX_STEP_CONTENT = 20_000
-MAX_STEP_TYPE = 64
-MAX_STEPS = 1_000
-MAX_BATCH = 1_000
+MAX_BATCH = 1_000  # traces per POST /api/traces/batch
 
 IMPORT_DIR = "import"
 POSTED_FILE = "posted.json"
-SUCCESS_FILE = "_SUCCESS"
 _CLIP_MARK = "…"
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def clip(text: str, limit: int) -> str:
@@ -152,29 +142,6 @@ def import_batch_files(traces: list[dict], max_per_batch: int = MAX_BATCH) -> li
             for k, batch in enumerate(import_batches(traces, max_per_batch))]
 
 
-def write_import_batches(run_uri: str, traces: list[dict], max_per_batch: int = MAX_BATCH) -> list[str]:
-    """Write `{run}/import/traces-NNNNN.json`, one JSON array per batch; returns their URIs."""
-    uris = []
-    for name, batch in import_batch_files(traces, max_per_batch):
-        uris.append(io.join(run_uri, name))
-        io.write_json(uris[-1], batch)
-    return uris
-
-
-def write_success(run_dir: str, artifacts: list[str]) -> None:
-    """Write `{run_dir}/_SUCCESS` listing each artifact's size and sha256; call it last.
-
-    Artifacts are paths relative to run_dir (a full URI under run_dir is made relative).
-    """
-    root = run_dir.rstrip("/") + "/"
-    entries = []
-    for artifact in artifacts:
-        relative = artifact[len(root):] if artifact.startswith(root) else artifact.lstrip("/")
-        uri = io.join(run_dir, relative)
-        entries.append({"path": relative, "size": io.size(uri), "sha256": io.sha256(uri)})
-    io.write_json(io.join(run_dir, SUCCESS_FILE), {"artifacts": entries, "written_at": _now()})
-
-
 # ------------------------------------------------------------------------------ import client
 
 
@@ -280,7 +247,7 @@ def import_run(
         record["posted"][name] = {
             "created_count": created,
             "trace_ids": [t.get("id") for t in answer.get("traces", []) if isinstance(t, dict)],
-            "posted_at": _now(),
+            "posted_at": utc_now(),
         }
         io.write_json(posted_uri, record)  # before the next batch: a crash must not repost this one
         summary["posted"] += 1

@@ -28,7 +28,7 @@ from job import distributed, io, logs, outputs, tunix_compat
 from job.dataset import DataCounts, eval_batches, scan, training_batches, unusable
 from job.errors import BadInput, JobError, Retriable, transient_cause
 from job.evaluate import Decoder, EvalRun, evaluate, generations_record, load_generations
-from job.formats import read_eval_items
+from job.formats import STOP_TOKENS, read_eval_items
 from job.manifest import Manifest, derive_run_id, load_manifest, run_dir
 from job.model import BuiltModel, build_model, final_description, parameter_count, save_final_weights
 from job.provenance import program_key, utc_now, versions
@@ -335,7 +335,7 @@ class Run:
 
         decode = {"strategy": "greedy", "temperature": 0.0, "max_new_tokens": m.eval.max_new_tokens,
                   "max_prompt_len": m.eval.max_prompt_len, "batch_size": m.eval.batch_size,
-                  "stop_tokens": ["<end_of_turn>", "<eos>"],
+                  "stop_tokens": list(STOP_TOKENS),
                   "tokens_per_s": {"before": round(before.tokens_per_s, 1), "after": round(after.tokens_per_s, 1)}}
         self.metrics.write_whole()
         losses = self.metrics.losses

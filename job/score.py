@@ -21,9 +21,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 from job.errors import BadInput
-from job.formats import EvalItem
-
-END_OF_TURN = "<end_of_turn>"
+from job.formats import END_OF_TURN, EvalItem
 
 _ANSWER_MARKER = re.compile(r"answer\s*:", re.IGNORECASE)
 # A number as written in text: sign, thousands separators, decimals, a fraction, a percent sign.

@@ -28,14 +28,17 @@ import importlib.util
 import sys
 from collections.abc import Callable
 
-from job.errors import JobError
+from job import logs
+from job.errors import EXIT_BAD_INPUT, JobError
 
-WRITTEN_FOR = {"google-tunix": "0.1.7", "jax": "0.8.1"}  # the versions these adaptations were written against
+WRITTEN_FOR = {"google-tunix": "0.1.7", "jax": "0.10.2"}  # the versions these adaptations were written against
 PIN_HINT = "install the pinned versions (pip install -c constraints.txt ...) or update job/tunix_compat.py"
 
 
 class TunixMismatch(JobError):
-    """The installed Tunix (or JAX) lacks something the job relies on."""
+    """The installed Tunix (or JAX) lacks something the job relies on: a retry cannot help (exit 2)."""
+
+    exit_code = EXIT_BAD_INPUT
 
 
 def register_tunix_without_its_init() -> None:
@@ -90,9 +93,13 @@ def check() -> None:
     for name in ("_checkpoint_manager", "_checkpoint_manager.should_save"):
         if f"self.{name}" not in manager_source:
             missing.append(f"CheckpointManager.{name}")
+    mismatches = version_mismatches()
     if missing:
-        versions = "; ".join(version_mismatches()) or "the versions it was written for"
+        versions = "; ".join(mismatches) or "the versions it was written for"
         raise TunixMismatch(f"installed {versions} lacks what the job relies on: {', '.join(missing)}; {PIN_HINT}")
+    if mismatches:
+        logs.warning(f"{'; '.join(mismatches)}: every name the job relies on is there, but its behaviour "
+                     f"was not tested with these versions; if training or checkpoints misbehave, {PIN_HINT}")
 
 
 # -- the trainer ----------------------------------------------------------------------------------

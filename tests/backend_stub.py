@@ -17,7 +17,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from backend_validation import trace_errors
 
-from job.outputs import MAX_BATCH
+from job import io
+from job.outputs import MAX_BATCH, import_batch_files
 
 BATCH_PATH = "/api/traces/batch"
 
@@ -134,3 +135,12 @@ class BackendStub:
                 self._send(*stub._handle_batch(raw))
 
         return Handler
+
+
+def write_import_batches(run_uri: str, traces: list[dict], max_per_batch: int = MAX_BATCH) -> list[str]:
+    """A run directory's import batches, as a run writes them (`{run}/import/traces-NNNNN.json`); their URIs."""
+    uris = []
+    for name, batch in import_batch_files(traces, max_per_batch):
+        uris.append(io.join(run_uri, name))
+        io.write_json(uris[-1], batch)
+    return uris

@@ -8,7 +8,7 @@ own (job/outputs.py), so they are defined once.
 
 from __future__ import annotations
 
-from job.outputs import MAX_STEP_CONTENT, MAX_STEP_TYPE, MAX_STEPS, MAX_TEXT, MAX_TRACE_VERSION
+from job.formats import MAX_STEP_CONTENT, MAX_STEP_TYPE, MAX_STEPS, MAX_TEXT, MAX_TRACE_VERSION
 
 
 def _string_errors(value: object, loc: tuple, max_length: int) -> list[dict]:

@@ -7,13 +7,13 @@ import json
 import os
 
 import pytest
-from backend_stub import BackendStub
+from backend_stub import BackendStub, write_import_batches
 
 import job.manifest
 from job import cli
 from job.formats import EvalItem
 from job.manifest import derive_run_id, load_manifest, parse_manifest
-from job.outputs import IMPORT_DIR, POSTED_FILE, eval_trace, write_import_batches
+from job.outputs import IMPORT_DIR, POSTED_FILE, eval_trace
 from job.score import ItemResult, score_output
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

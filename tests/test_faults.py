@@ -197,7 +197,7 @@ def test_a_stream_broken_mid_file_continues_after_the_last_line(server, bounded)
 
 
 def test_outage_errors_from_libraries_count_as_retriable():
-    from job.run import transient_cause
+    from job.errors import transient_cause
 
     assert transient_cause(ValueError("UNAVAILABLE: Error writing gs://b/ckpt/1/x: Connection refused"))
     assert transient_cause(RuntimeError("save failed").with_traceback(None)) is False

@@ -1,13 +1,12 @@
 """Eval traces the backend accepts, import batches, _SUCCESS, and the import client against a stub backend."""
 
 import copy
-import hashlib
 import json
 import urllib.error
 import urllib.request
 
 import pytest
-from backend_stub import BackendStub
+from backend_stub import BackendStub, write_import_batches
 from backend_validation import validate_trace
 
 from job.errors import BadInput, Retriable
@@ -17,8 +16,6 @@ from job.outputs import (
     import_batches,
     import_run,
     reasoning_steps,
-    write_import_batches,
-    write_success,
 )
 from job.score import ItemResult, score_output
 
@@ -162,7 +159,7 @@ def test_validate_trace_accepts_the_edges():
     assert validate_trace("not a trace") != []
 
 
-# ----------------------------------------------------------------------------- batches, _SUCCESS
+# ------------------------------------------------------------------------------------- batches
 
 
 def test_import_batches():
@@ -174,20 +171,6 @@ def test_import_batches():
     assert [len(b) for b in import_batches(traces[:5], max_per_batch=2)] == [2, 2, 1]
     with pytest.raises(ValueError):
         import_batches(traces, max_per_batch=1001)
-
-
-def test_write_success(tmp_path):
-    run = tmp_path / "run"
-    (run / "eval").mkdir(parents=True)
-    (run / "delta_report.md").write_text("# report\n")
-    (run / "eval" / "eval_after.jsonl").write_bytes(b'{"id": 1}\n')
-    write_success(str(run), ["delta_report.md", str(run / "eval" / "eval_after.jsonl")])
-    success = json.loads((run / "_SUCCESS").read_text())
-    assert success["artifacts"] == [
-        {"path": "delta_report.md", "size": 9, "sha256": hashlib.sha256(b"# report\n").hexdigest()},
-        {"path": "eval/eval_after.jsonl", "size": 10, "sha256": hashlib.sha256(b'{"id": 1}\n').hexdigest()},
-    ]
-    assert success["written_at"]
 
 
 # ---------------------------------------------------------------------------------- import client

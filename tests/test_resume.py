@@ -25,7 +25,7 @@ from e2e import DEMO, Attempt, outcome, run_job, same_result
 
 from job import io
 from job.errors import EXIT_OK, EXIT_RETRIABLE
-from job.run import EVAL_BEFORE_GENERATIONS
+from job.rundir import EVAL_BEFORE_GENERATIONS
 
 KILL_SEED = 20261125  # the random training step is drawn from this seed: a failure can be replayed
 TMP_MARK = "orbax-checkpoint-tmp"  # Orbax writes a step to "<step>.orbax-checkpoint-tmp-*" and renames it when complete
