@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from job import settings
-from job.errors import BadInput
+from job import io, settings
+from job.errors import BadInput, Retriable
 from job.settings import Cluster, Settings
 
 HUGE = "9" * 5000  # more digits than Python turns into an int
@@ -95,3 +95,41 @@ def test_the_cluster_variables_are_checked_together(env, name):
         settings.from_env(env)
     # One process needs neither the address nor an index.
     assert settings.from_env({**env, "JAX_NUM_PROCESSES": "1"}).cluster == Cluster(None, 1, 0)
+
+
+def test_current_is_parsed_once_and_replaced_by_install(monkeypatch):
+    monkeypatch.setattr(io.time, "sleep", lambda s: None)
+    monkeypatch.setenv("TUNIX_JOB_IO_RETRIES", "1")
+    first = settings.current()
+    assert first.io_retries == 1 and settings.current() is first
+    # Read once: a later change of the environment, even to a bad value, changes nothing in this process.
+    monkeypatch.setenv("TUNIX_JOB_IO_RETRIES", "lots")
+    assert settings.current() is first
+    err = Retriable("gs://b/x: storage error")
+    io._back_off("gs://b/x", 0, err)  # a storage retry reads the settings, not the environment
+    with pytest.raises(Retriable, match="gave up after 2 attempts"):
+        io._back_off("gs://b/x", 1, err)
+    installed = settings.install(Settings(io_retries=0))
+    assert settings.current() is installed
+
+
+def test_storage_retries_follow_the_settings(monkeypatch):
+    waits = []
+    monkeypatch.setattr(io.time, "sleep", waits.append)
+    settings.install(Settings(io_retries=2, io_backoff_s=0.5))
+    err = Retriable("gs://b/x: storage error")
+    io._back_off("gs://b/x", 0, err)
+    io._back_off("gs://b/x", 1, err)
+    with pytest.raises(Retriable, match="gave up after 3 attempts"):
+        io._back_off("gs://b/x", 2, err)
+    assert waits == [0.5, 1.0]
+
+
+def test_storage_call_timeout_follows_the_settings(tmp_path):
+    import gcsfs
+
+    gcs, local = gcsfs.GCSFileSystem(token="anon"), io._fs(str(tmp_path))[0]
+    assert io._deadline(gcs) == {}  # unset: the client's own limits
+    settings.install(Settings(io_timeout_s=3.0))
+    assert io._deadline(gcs) == {"timeout": 3.0}
+    assert io._deadline(local) == {}  # a local call takes no timeout
