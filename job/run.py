@@ -28,7 +28,7 @@ import jax
 from flax import nnx
 
 import job
-from job import distributed, io, logs, outputs
+from job import distributed, io, logs, outputs, settings
 from job.dataset import DataCounts, eval_batches, scan, training_batches
 from job.errors import BadInput, JobError, Retriable
 from job.evaluate import Decoder, EvalRun, evaluate, load_generations, save_generations
@@ -64,7 +64,7 @@ def versions() -> dict:
 
 
 def cache_dir() -> str:
-    return os.environ.get("TUNIX_JOB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tunix-rt-job"))
+    return settings.current().cache_dir
 
 
 class Status:
@@ -121,11 +121,11 @@ def configure_compile_cache() -> str | None:
     compilation is cached (JAX skips those under 1 s by default;
     $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS still wins when set).
     """
-    path = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    path = settings.current().compile_cache_dir
     if not path:
         return None
     jax.config.update("jax_compilation_cache_dir", path)
-    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    if settings.current().compile_cache_min_s is None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path
 
@@ -223,10 +223,11 @@ class Run:
         self.record = {
             "run_id": self.run_id, "seed": seed, "manifest_uri": self.manifest_uri,
             "manifest": json.loads(m.model_dump_json()), "versions": versions(),
-            "image": os.environ.get("TUNIX_JOB_IMAGE"),
+            "image": settings.current().image,
             "devices": [str(d) for d in jax.devices()], "backend": jax.default_backend(),
-            "compile_cache": os.environ.get("JAX_COMPILATION_CACHE_DIR"),
+            "compile_cache": settings.current().compile_cache_dir,
             "processes": jax.process_count(),
+            "settings": settings.current().as_record(),
             "started_at": utc_now(), "ended_at": None,
         }
         self._write_record()

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
-from job import io, settings
-from job.errors import BadInput, Retriable
+from job import cli, io, settings
+from job.errors import EXIT_BAD_INPUT, EXIT_OK, BadInput, Retriable
 from job.settings import Cluster, Settings
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_MANIFEST = os.path.join(REPO, "manifests", "local_tiny.json")
 HUGE = "9" * 5000  # more digits than Python turns into an int
 
 GOOD = {
@@ -133,3 +137,46 @@ def test_storage_call_timeout_follows_the_settings(tmp_path):
     settings.install(Settings(io_timeout_s=3.0))
     assert io._deadline(gcs) == {"timeout": 3.0}
     assert io._deadline(local) == {}  # a local call takes no timeout
+
+
+def errors(capsys) -> str:
+    err = capsys.readouterr().err
+    return "\n".join(r["message"] for r in map(json.loads, err.splitlines()) if r["severity"] == "ERROR")
+
+
+def test_the_command_line_checks_the_settings_first_each_time(capsys, monkeypatch):
+    monkeypatch.setenv("TUNIX_JOB_LEASE_TTL_S", "soon")
+    assert cli.main(["schema"]) == EXIT_BAD_INPUT
+    assert "TUNIX_JOB_LEASE_TTL_S='soon'" in errors(capsys)
+    monkeypatch.setenv("TUNIX_JOB_LEASE_TTL_S", "30")
+    assert cli.main(["schema"]) == EXIT_OK
+    assert settings.current().lease_ttl_s == 30.0
+
+
+def test_a_bad_value_exits_2_before_the_job_starts():
+    env = dict(os.environ, TUNIX_JOB_IO_RETRIES=HUGE, RUN_MANIFEST=DEMO_MANIFEST)
+    done = subprocess.run([sys.executable, "-m", "job", "validate"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == EXIT_BAD_INPUT, done.stderr[-2000:]
+    assert done.stdout == ""
+    (record,) = [json.loads(line) for line in done.stderr.splitlines() if line.strip()]
+    assert record["message"].startswith("TUNIX_JOB_IO_RETRIES='999") and "set it to" in record["message"]
+
+
+def test_the_run_records_its_settings(tmp_path, monkeypatch):
+    from job.run import run_job
+
+    monkeypatch.setenv("TUNIX_JOB_IMAGE", "registry/job:2")
+    monkeypatch.setenv("TUNIX_JOB_IO_RETRIES", "0")
+    manifest = json.loads(open(DEMO_MANIFEST, encoding="utf-8").read())
+    manifest["dataset"]["uri"] = str(tmp_path / "missing.jsonl")  # fails after the record is written
+    manifest["eval"]["uri"] = os.path.join(REPO, "evalsets", "arith_eval.jsonl")
+    manifest["output"]["uri"] = str(tmp_path / "runs")
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(BadInput, match="missing.jsonl"):
+        run_job(str(path))
+    record = json.loads((tmp_path / "runs" / manifest["run_id"] / "run_manifest.json").read_text())
+    assert record["image"] == "registry/job:2"
+    assert record["settings"] == settings.current().as_record()
+    assert record["settings"]["TUNIX_JOB_IO_RETRIES"] == 0 and record["settings"]["TUNIX_JOB_IMAGE"] == "registry/job:2"
