@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 import threading
 import traceback
 from collections.abc import Sequence
 
-from job import logs
+from job import logs, settings
 from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNEXPECTED, BadInput, JobError
 
 VALIDATE_DEFAULT_LIMIT = 10_000
 
 
 def _manifest_uri(args) -> str:
-    uri = args.manifest or os.environ.get("RUN_MANIFEST")
+    uri = args.manifest or settings.current().manifest
     if not uri:
         raise BadInput("no manifest: pass --manifest URI or set RUN_MANIFEST")
     return uri
@@ -46,7 +45,7 @@ def cmd_run(args) -> int:
     try:
         from job import distributed
 
-        distributed.start()  # before any other JAX use; nothing happens on one process
+        distributed.start(settings.current().cluster)  # before any other JAX use; nothing happens on one process
         from job.run import run_job
 
         return run_job(_manifest_uri(args), args.set, fresh=args.fresh, stop=_stop_requested)
@@ -183,6 +182,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.capture_library_logs()
     message = ""
     try:
+        settings.install(settings.from_env())  # every variable checked before anything starts
         code = args.func(args)
     except JobError as err:
         logs.error(str(err), exit_code=err.exit_code, error=type(err).__name__)

@@ -18,7 +18,6 @@ lost VM) is noticed by jax.distributed's heartbeat, which ends the others.
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import os
 import sys
 import threading
@@ -29,10 +28,10 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-from job import logs, tunix_compat
+from job import logs, settings, tunix_compat
 from job.errors import BadInput, JobError, Retriable
+from job.settings import COORDINATOR_VAR, COUNT_VAR, SINGLE_PROCESS, Cluster
 
-COORDINATOR_VAR, COUNT_VAR, INDEX_VAR = "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"
 INIT_TIMEOUT_S = 300  # all processes must have joined by then (pods are scheduled at different times)
 BARRIER_TIMEOUT_S = 1800  # the longest one process may run ahead of another at a barrier (eval, final/ upload)
 FAILURE_KEY = "tunix-job/failed"
@@ -41,22 +40,7 @@ MESH_AXES = ("fsdp", "tp")
 DATA_AXIS = "fsdp"  # batch rows are split over this axis, replicated over tp
 
 
-@dataclasses.dataclass(frozen=True)
-class Cluster:
-    coordinator: str | None
-    count: int
-    index: int
-
-    @property
-    def is_multi(self) -> bool:
-        return self.count > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.index == 0
-
-
-_cluster = Cluster(None, 1, 0)
+_cluster = SINGLE_PROCESS
 _exit_lock = threading.Lock()
 _on_peer_failure: list[Callable[[int, str], None]] = []
 _watchdog_stop = threading.Event()
@@ -74,36 +58,13 @@ def is_main() -> bool:
     return _cluster.is_main
 
 
-def settings_from_env(env=os.environ) -> Cluster:
-    """The three variables, checked; one process when JAX_NUM_PROCESSES is unset or 1."""
-    raw_count = env.get(COUNT_VAR, "").strip()
-    if not raw_count:
-        return Cluster(None, 1, 0)
-    try:
-        count = int(raw_count)
-    except ValueError:
-        raise BadInput(f"{COUNT_VAR}={raw_count!r} is not a whole number; set it to the number of processes") from None
-    if count < 1:
-        raise BadInput(f"{COUNT_VAR}={count}: must be at least 1")
-    if count == 1:
-        return Cluster(None, 1, 0)
-    address = env.get(COORDINATOR_VAR, "").strip()
-    if not address or ":" not in address:
-        raise BadInput(f"{COORDINATOR_VAR}={address!r}: set it to host:port of process 0 when {COUNT_VAR}={count}")
-    raw_index = env.get(INDEX_VAR, "").strip()
-    try:
-        index = int(raw_index)
-    except ValueError:
-        raise BadInput(f"{INDEX_VAR}={raw_index!r}: set it to this process's index, 0..{count - 1}") from None
-    if not 0 <= index < count:
-        raise BadInput(f"{INDEX_VAR}={index}: must be in 0..{count - 1} ({COUNT_VAR}={count})")
-    return Cluster(address, count, index)
+def start(wanted: Cluster | None = None) -> Cluster:
+    """Join the other processes (before any other JAX use), or do nothing on one process.
 
-
-def start(env=os.environ) -> Cluster:
-    """Join the other processes (before any other JAX use), or do nothing on one process."""
+    `wanted` defaults to the settings' cluster (job/settings.py parses and checks the three variables).
+    """
     global _cluster
-    wanted = settings_from_env(env)
+    wanted = settings.current().cluster if wanted is None else wanted
     if not wanted.is_multi:
         return _cluster
     # Cross-process collectives on CPU go through Gloo (TPU and GPU have their own; this only affects CPU).

@@ -7,8 +7,8 @@ anything else that goes wrong talking to storage (connection refused or reset, t
 after the client's own retries) is retried here too, `TUNIX_JOB_IO_RETRIES` times (default 4) with
 exponential backoff from `TUNIX_JOB_IO_BACKOFF_S` seconds (default 2: 2, 4, 8, 16 s), and is
 Retriable when it lasts. gcsfs itself retries a dead connection for ~34 s before giving up;
-`TUNIX_JOB_IO_TIMEOUT_S` (unset by default) bounds each call instead. A stream that breaks mid-file is reopened and continues after the last
-line it gave.
+`TUNIX_JOB_IO_TIMEOUT_S` (unset by default) bounds each call instead; the three are parsed once, in
+job/settings.py. A stream that breaks mid-file is reopened and continues after the last line it gave.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from typing import Any
 import fsspec
 import fsspec.asyn
 
-from job import logs
+from job import logs, settings
 from job.errors import BadInput, JobError, Retriable
 
 # Object-store reads: a readahead cache fetches whole blocks in order (the default "adaptive"
@@ -158,26 +158,13 @@ def _storage_errors(uri: str) -> Iterator[None]:
         raise
 
 
-def retry_settings() -> tuple[int, float]:
-    """(retries, first backoff in seconds) for transient storage errors, from the environment."""
-    try:
-        retries = int(os.environ.get("TUNIX_JOB_IO_RETRIES", "4"))
-        backoff = float(os.environ.get("TUNIX_JOB_IO_BACKOFF_S", "2"))
-    except ValueError as e:
-        raise BadInput(f"TUNIX_JOB_IO_RETRIES / TUNIX_JOB_IO_BACKOFF_S: not a number ({e})") from None
-    return max(0, retries), max(0.0, backoff)
-
-
 def _deadline(fs: fsspec.AbstractFileSystem) -> dict:
     """{"timeout": seconds} for one call of an async filesystem (gcsfs, s3fs) when TUNIX_JOB_IO_TIMEOUT_S
     is set: the call then fails (and is retried) instead of waiting out the client's own retries."""
-    raw = os.environ.get("TUNIX_JOB_IO_TIMEOUT_S")
-    if not raw or not isinstance(fs, fsspec.asyn.AsyncFileSystem):
+    timeout = settings.current().io_timeout_s
+    if timeout is None or not isinstance(fs, fsspec.asyn.AsyncFileSystem):
         return {}
-    try:
-        return {"timeout": float(raw)}
-    except ValueError:
-        raise BadInput(f"TUNIX_JOB_IO_TIMEOUT_S={raw!r}: not a number of seconds") from None
+    return {"timeout": timeout}
 
 
 _SINGLE_ATTEMPT = contextvars.ContextVar("single_attempt", default=False)
@@ -196,7 +183,8 @@ def single_attempt() -> Iterator[None]:
 
 def _back_off(uri: str, attempt: int, err: Retriable) -> None:
     """Log and wait before retry number `attempt + 1`; re-raise when the retries are spent."""
-    retries, backoff = retry_settings()
+    current = settings.current()
+    retries, backoff = current.io_retries, current.io_backoff_s
     if _SINGLE_ATTEMPT.get():
         raise err
     if attempt >= retries:

@@ -14,7 +14,7 @@ run it again later) instead of interleaving writes.
   whose renewal finds a different generation has lost the lease and stops.
 - Other schemes (s3://, memory://): no lease; a warning says so.
 
-The TTL is `TUNIX_JOB_LEASE_TTL_S` (default 60 s).
+The TTL is `TUNIX_JOB_LEASE_TTL_S` (default 60 s; job/settings.py).
 """
 
 from __future__ import annotations
@@ -29,31 +29,20 @@ import time
 import uuid
 from collections.abc import Callable
 
-from job import io, logs
+from job import io, logs, settings
 from job.errors import BadInput, Retriable
+from job.provenance import utc_now
 
 LEASE_FILE = "_LEASE"
-DEFAULT_TTL_S = 60.0
 
 
 class LeaseHeld(Retriable):
     """Another live process holds the run directory's lease."""
 
 
-def ttl_from_env() -> float:
-    raw = os.environ.get("TUNIX_JOB_LEASE_TTL_S", "")
-    try:
-        ttl = float(raw) if raw else DEFAULT_TTL_S
-    except ValueError:
-        raise BadInput(f"TUNIX_JOB_LEASE_TTL_S={raw!r}: not a number of seconds") from None
-    if not ttl > 0:
-        raise BadInput(f"TUNIX_JOB_LEASE_TTL_S={raw!r}: must be > 0 seconds")
-    return ttl
-
-
 def _holder() -> dict:
     return {"holder": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-            "acquired_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+            "acquired_at": utc_now()}
 
 
 def _held_message(run_uri: str, info: dict, extra: str) -> str:
@@ -68,7 +57,7 @@ class Lease:
     def __init__(self, run_uri: str, ttl_s: float | None = None, on_lost: Callable[[str], None] | None = None):
         self.run_uri = run_uri
         self.uri = io.join(run_uri, LEASE_FILE)
-        self.ttl = ttl_s if ttl_s is not None else ttl_from_env()
+        self.ttl = ttl_s if ttl_s is not None else settings.current().lease_ttl_s
         self.on_lost = on_lost or (lambda reason: None)
         self.info = {**_holder(), "ttl_s": self.ttl}
         self._impl: _LocalLease | _GcsLease | None = None
@@ -262,8 +251,9 @@ class _GcsLease:
 
 def _client(storage):
     """A storage client: the emulator's when STORAGE_EMULATOR_HOST is set, else Application Default Credentials."""
-    if os.environ.get("STORAGE_EMULATOR_HOST"):
-        return storage.Client(project=os.environ.get("GOOGLE_CLOUD_PROJECT", "test"))
+    current = settings.current()
+    if current.storage_emulator_host:
+        return storage.Client(project=current.google_cloud_project or "test")
     try:
         return storage.Client()
     except Exception as e:  # no project or credentials

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import jax
 from flax import nnx
 
-from job import distributed, io, logs, outputs, tunix_compat
+from job import distributed, io, logs, outputs, settings, tunix_compat
 from job.dataset import DataCounts, eval_batches, scan, training_batches, unusable
 from job.errors import BadInput, JobError, Retriable, transient_cause
 from job.evaluate import Decoder, EvalRun, evaluate, generations_record, load_generations
@@ -44,7 +44,7 @@ class Preempted(Retriable):
 
 
 def cache_dir() -> str:
-    return os.environ.get("TUNIX_JOB_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tunix-rt-job"))
+    return settings.current().cache_dir
 
 
 def configure_compile_cache() -> str | None:
@@ -55,11 +55,11 @@ def configure_compile_cache() -> str | None:
     compilation is cached (JAX skips those under 1 s by default;
     $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS still wins when set).
     """
-    path = os.environ.get("JAX_COMPILATION_CACHE_DIR")
+    path = settings.current().compile_cache_dir
     if not path:
         return None
     jax.config.update("jax_compilation_cache_dir", path)
-    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    if settings.current().compile_cache_min_s is None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path
 
@@ -184,10 +184,10 @@ class Run:
     def _start_record(self) -> RunRecord:
         return RunRecord(
             run_id=self.run_id, seed=self._seed(), manifest_uri=self.manifest_uri,
-            manifest=json.loads(self.m.model_dump_json()), versions=versions(), settings={},
-            image=os.environ.get("TUNIX_JOB_IMAGE"),
+            manifest=json.loads(self.m.model_dump_json()), versions=versions(),
+            settings=settings.current().as_record(), image=settings.current().image,
             devices=[str(d) for d in jax.devices()], backend=jax.default_backend(),
-            compile_cache=os.environ.get("JAX_COMPILATION_CACHE_DIR"),
+            compile_cache=settings.current().compile_cache_dir,
             processes=jax.process_count(), started_at=utc_now())
 
     def _seed(self) -> int:

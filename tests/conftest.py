@@ -78,3 +78,14 @@ def baseline(tmp_path_factory) -> str:
     done = run_job(str(DEMO), f"output.uri={out}", "run_id=base")
     assert done.returncode == EXIT_OK, done.stderr[-3000:]
     return str(out / "base")
+
+
+@pytest.fixture(autouse=True)
+def fresh_settings() -> Iterator[None]:
+    """Each test starts as the job does: its settings are parsed from the environment as the test set it,
+    at first use (a test that changes the environment after that installs `settings.from_env()` again)."""
+    from job import settings
+
+    settings.reset()
+    yield
+    settings.reset()

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from e2e import DEMO, ROOT, SMALL, outcome, same_result, state_of, wait_for
 
-from job import distributed, io
+from job import distributed, io, settings
 from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_RETRIABLE, BadInput
 
 # Smaller than e2e's SMALL where the number of processes multiplies the cost.
@@ -77,10 +77,10 @@ def close_to(a: dict, b: dict, rtol: float) -> None:
 # -- start-up settings, mesh, batch rows (in-process) ----------------------------------------------
 
 def test_one_process_unless_told_otherwise():
-    assert not distributed.settings_from_env({}).is_multi
-    assert not distributed.settings_from_env({"JAX_NUM_PROCESSES": "1"}).is_multi
-    c = distributed.settings_from_env({"JAX_COORDINATOR_ADDRESS": "pod-0.svc:8476", "JAX_NUM_PROCESSES": "4",
-                                       "JAX_PROCESS_ID": "3"})
+    assert not settings.from_env({}).cluster.is_multi
+    assert not settings.from_env({"JAX_NUM_PROCESSES": "1"}).cluster.is_multi
+    c = settings.from_env({"JAX_COORDINATOR_ADDRESS": "pod-0.svc:8476", "JAX_NUM_PROCESSES": "4",
+                           "JAX_PROCESS_ID": "3"}).cluster
     assert (c.coordinator, c.count, c.index, c.is_multi, c.is_main) == ("pod-0.svc:8476", 4, 3, True, False)
 
 
@@ -92,7 +92,7 @@ def test_one_process_unless_told_otherwise():
 ])
 def test_bad_settings_name_the_variable(env, names):
     with pytest.raises(BadInput, match=names):
-        distributed.settings_from_env(env)
+        settings.from_env(env)
 
 
 def test_mesh_sizes():

@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from job import io
+from job import io, settings
 from job.errors import EXIT_RETRIABLE, BadInput
-from job.lease import LEASE_FILE, Lease, LeaseHeld, ttl_from_env
+from job.lease import LEASE_FILE, Lease, LeaseHeld
 
 HOLD = """
 import sys, time
@@ -54,13 +54,13 @@ def test_local_lease_of_a_killed_process_is_free_at_once(tmp_path):
         pass
 
 
-def test_lease_ttl_comes_from_the_environment(monkeypatch):
-    monkeypatch.setenv("TUNIX_JOB_LEASE_TTL_S", "2.5")
-    assert ttl_from_env() == 2.5
+def test_lease_ttl_comes_from_the_settings(tmp_path):
+    settings.install(settings.from_env({"TUNIX_JOB_LEASE_TTL_S": "2.5"}))
+    assert Lease(str(tmp_path / "run")).ttl == 2.5
+    assert Lease(str(tmp_path / "run"), ttl_s=7.0).ttl == 7.0
     for bad in ("soon", "0", "-1"):
-        monkeypatch.setenv("TUNIX_JOB_LEASE_TTL_S", bad)
         with pytest.raises(BadInput, match="TUNIX_JOB_LEASE_TTL_S"):
-            ttl_from_env()
+            settings.from_env({"TUNIX_JOB_LEASE_TTL_S": bad})
 
 
 def _lease_object(uri: str) -> dict:

@@ -155,14 +155,17 @@ def test_lora_run_with_gradient_accumulation_saves_an_adapter_that_reproduces_it
 def test_the_job_sets_up_the_compile_cache_from_the_environment(monkeypatch, tmp_path):
     import jax
 
+    from job import settings
     from job.run import configure_compile_cache
 
     saved = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
     try:
         monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        settings.install(settings.from_env())
         assert configure_compile_cache() is None
         monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path / "jax"))
         monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+        settings.install(settings.from_env())
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
         assert configure_compile_cache() == str(tmp_path / "jax")
         assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jax")
