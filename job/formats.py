@@ -27,7 +27,6 @@ STOP_TOKENS = (END_OF_TURN, EOS)  # where decoding stops: the end of the model's
 # read as control tokens either. Text holding one is refused rather than silently escaped.
 RESERVED_MARKERS = (START_OF_TURN, END_OF_TURN, "<bos>", EOS, "<pad>")
 
-FORMATS = ("trace", "tunix_sft", "training_example", "reasoning_trace", "messages", "prompt_completion")
 DETECT_WINDOW = 20  # records looked at before auto-detection gives up
 # A line longer than this is rejected unread: no training.max_seq_len holds it, and tokenizing a
 # 50 MB line would take minutes.
@@ -327,6 +326,7 @@ _READERS = {
     "messages": _from_messages,
     "prompt_completion": _from_prompt_completion,
 }
+FORMATS = tuple(_READERS)  # dataset.format's values besides "auto"
 
 
 def detect_format(obj: dict) -> str | None:

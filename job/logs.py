@@ -6,8 +6,9 @@ to stderr so that stdout stays free for command output (render, score, schema).
 
 Nothing secret is logged: `redact` removes the password part of URIs (`user:pass@`), the values of
 signed-URL and token query parameters (`X-Goog-Signature`, `X-Amz-Signature`, `token`, ...) and the
-value of any environment variable whose name says it is secret (`*TOKEN*`, `*SECRET*`, `*KEY*`,
-`*PASSWORD*`, `*CREDENTIAL*`, ...) wherever it appears. The run's status.json and
+value of any environment variable whose name says it is secret (a word of the name is TOKEN,
+SECRET, PASSWORD, PWD, CREDENTIALS, ... or API/ACCESS/PRIVATE/SECRET KEY; `is_secret_name`)
+wherever it appears. The run's status.json and
 run_manifest.json go through it too.
 """
 
@@ -28,12 +29,29 @@ _SECRET_PARAMS = re.compile(
     r"(?P<key>[?&;](?:x-goog-signature|x-goog-credential|x-amz-signature|x-amz-credential|x-amz-security-token"
     r"|signature|sig|token|access_token|id_token|refresh_token|api_key|apikey|key|password|passwd|secret"
     r"|client_secret|code|auth)=)(?P<value>[^&#\s\"']*)", re.IGNORECASE)
-_SECRET_ENV_NAME = re.compile(r"TOKEN|SECRET|PASSW|PWD|CREDENTIAL|API_?KEY|ACCESS_?KEY|PRIVATE|SIGNATURE|AUTH", re.I)
+# A variable holds a secret when a word of its name says so (words: split at "_", "-", "." and
+# lower-to-upper case changes): DB_PASSWORD, BACKEND_API_TOKEN, awsSecretAccessKey. Matching whole
+# words, not substrings, keeps KEYBOARD, AUTHOR, MONKEY or TOKENIZER_URI out.
+_SECRET_WORDS = {"TOKEN", "TOKENS", "SECRET", "SECRETS", "PASSWORD", "PASSWD", "PASS", "PWD", "PASSPHRASE",
+                 "CREDENTIAL", "CREDENTIALS", "APIKEY", "SIGNATURE", "AUTH", "PRIVATE", "COOKIE"}
+_SECRET_KEY_PREFIXES = {"API", "ACCESS", "PRIVATE", "SECRET", "SIGNING", "ENCRYPTION", "MASTER", "LICENSE", "SSH"}
+# POSIX shell variables that name directories, whatever their name looks like (PWD is "print working directory").
+_NOT_SECRET = {"PWD", "OLDPWD"}
+_NAME_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z0-9]+(?![a-z])")
 _MIN_SECRET_LEN = 8  # shorter values ("1", "true", "dummy") would redact ordinary words
 
 
+def is_secret_name(name: str) -> bool:
+    """True when an environment variable's name says it holds a credential."""
+    if name.upper() in _NOT_SECRET:
+        return False
+    words = [w.upper() for w in _NAME_WORD.findall(name)]
+    return any(w in _SECRET_WORDS for w in words) or any(
+        w == "KEY" and k > 0 and words[k - 1] in _SECRET_KEY_PREFIXES for k, w in enumerate(words))
+
+
 def _secret_env_values() -> list[str]:
-    values = {v for k, v in os.environ.items() if _SECRET_ENV_NAME.search(k) and len(v) >= _MIN_SECRET_LEN}
+    values = {v for k, v in os.environ.items() if is_secret_name(k) and len(v) >= _MIN_SECRET_LEN}
     return sorted(values, key=len, reverse=True)
 
 

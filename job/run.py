@@ -35,33 +35,13 @@ from job.provenance import program_key, utc_now, versions
 from job.report import build_delta_report, plot_loss_curve, render_markdown
 from job.rundir import (CHECKPOINTS, EVAL_BEFORE_GENERATIONS, FINAL, REJECTS, TENSORBOARD, Metrics, RunDir,
                         RunRecord, Status)
+from job.step_cache import configure_compile_cache
 from job.tokens import load_tokenizer
 from job.train import Prefetch, StepReport, Trainer, TrainResult
 
 
 class Preempted(Retriable):
     """SIGTERM arrived (spot preemption, pod eviction): the run saved what it could; rerun to resume."""
-
-
-def cache_dir() -> str:
-    return settings.current().cache_dir
-
-
-def configure_compile_cache() -> str | None:
-    """JAX's persistent compilation cache in $JAX_COMPILATION_CACHE_DIR (a local path, or gs://...), if given.
-
-    A retried, resumed or repeated run then loads the train step and the sampler instead of
-    compiling them again (step_cache keeps the exported train and eval steps there too). Every
-    compilation is cached (JAX skips those under 1 s by default;
-    $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS still wins when set).
-    """
-    path = settings.current().compile_cache_dir
-    if not path:
-        return None
-    jax.config.update("jax_compilation_cache_dir", path)
-    if settings.current().compile_cache_min_s is None:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    return path
 
 
 def run_job(manifest_uri: str, overrides: list[str] = (), fresh: bool = False,
@@ -176,9 +156,10 @@ class Run:
         self._stop_if_asked()
         logs.info("writing outputs", run_dir=self.dir.uri)
         self._write_final(built, tokenizer, mesh)
-        # _SUCCESS must mean every process finished its part; then process 0 alone writes the outputs.
+        # _SUCCESS must mean every process finished its part; then the writing process alone makes the outputs.
         distributed.barrier("finished")
-        self._write_outputs(before, after, counts)
+        if self.dir.writer:
+            self._write_outputs(before, after, counts)
         distributed.barrier("outputs-written")
 
     def _start_record(self) -> RunRecord:
@@ -230,7 +211,8 @@ class Run:
     def _build_model(self, tokenizer, mesh) -> tuple[BuiltModel, Callable[[], Decoder]]:
         """The model, laid out on the mesh, and a maker of decoders for its weights as they are now."""
         m = self.m
-        built = build_model(m.model, m.training.lora, self.record.seed, tokenizer.vocab_size, cache_dir())
+        built = build_model(m.model, m.training.lora, self.record.seed, tokenizer.vocab_size,
+                            settings.current().cache_dir)
         built = dataclasses.replace(built, model=distributed.shard_model(built.model, mesh))
         self.record.parameters = {"total": parameter_count(built.model),
                                   "trainable": parameter_count(built.model, _trainable_kind(m))}

@@ -1,6 +1,6 @@
 """Warm starts: the train and eval steps exported once, loaded by every later start.
 
-JAX's persistent compilation cache ($JAX_COMPILATION_CACHE_DIR, set up by run.configure_compile_cache)
+JAX's persistent compilation cache ($JAX_COMPILATION_CACHE_DIR, set up by configure_compile_cache below)
 spares a retried, resumed or repeated run XLA's compile, but not the Python tracing and lowering
 in front of it: seconds of every start. So each step runs as a `jax.export` of itself, saved next
 to that cache under a key of everything that shapes the program (this package's code, the library
@@ -19,10 +19,27 @@ import jax
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from job import distributed, io, logs
+from job import distributed, io, logs, settings
 from job.provenance import program_key
 
 CACHE_SUBDIR = "exported-steps"
+
+
+def configure_compile_cache() -> str | None:
+    """JAX's persistent compilation cache in $JAX_COMPILATION_CACHE_DIR (a local path, or gs://...), if given.
+
+    A retried, resumed or repeated run then loads the train step and the sampler instead of
+    compiling them again (the exported steps below are kept there too). Every
+    compilation is cached (JAX skips those under 1 s by default;
+    $JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS still wins when set).
+    """
+    path = settings.current().compile_cache_dir
+    if not path:
+        return None
+    jax.config.update("jax_compilation_cache_dir", path)
+    if settings.current().compile_cache_min_s is None:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
 
 
 class CachedStep:

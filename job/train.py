@@ -208,11 +208,12 @@ class Trainer:
     `stop` (from a signal handler, say) ends training after the step in flight, with a checkpoint of it.
 
     The train and eval steps are compiled through step_cache (warm starts) instead of nnx.jit: the
-    same step functions, traced once per cache key rather than once per process.
+    same step functions, traced once per cache key rather than once per process. `exported_steps=False`
+    leaves them to Tunix's nnx.jit (and JAX's compile cache alone): what the benchmark compares against.
     """
 
     def __init__(self, model: nnx.Module, spec: TrainingSpec, listener: TrainingListener, stop: threading.Event,
-                 checkpoint_dir: str, tensorboard_dir: str):
+                 checkpoint_dir: str, tensorboard_dir: str, exported_steps: bool = True):
         if "://" not in checkpoint_dir:
             checkpoint_dir = os.path.abspath(checkpoint_dir)  # Orbax fails later, in a thread, on relative paths
         config = peft_trainer.TrainingConfig(
@@ -228,9 +229,11 @@ class Trainer:
         )
         self.spec = spec
         self.hooks = _Hooks(spec, listener, stop)
+        self.exported_steps = exported_steps
         cache_key = {"training": spec.model_dump(mode="json")}
         trainer_class = tunix_compat.trainer_class(
-            lambda name, fn, objs, updates: CachedStep(name, fn, objs, updates, cache_key))
+            lambda name, fn, objs, updates: CachedStep(name, fn, objs, updates, cache_key)
+        ) if exported_steps else peft_trainer.PeftTrainer
         self.trainer = trainer_class(model, optimizer(spec), config)
         self.trainer.with_gen_model_input_fn(model_inputs)
         self.trainer.with_training_hooks(self.hooks)
@@ -248,7 +251,7 @@ class Trainer:
             # Even with every step done (a run killed after its last checkpoint), Tunix's train()
             # evaluates the restored model first: the final eval loss is measured again, not lost.
             # skip_jit: the steps are compiled by step_cache; it only skips Tunix's nnx.jit cache report.
-            self.trainer.train(train_batches, eval_batches or None, skip_jit=True)
+            self.trainer.train(train_batches, eval_batches or None, skip_jit=self.exported_steps)
         else:
             self.trainer.close()
         end = self.trainer.train_steps

@@ -166,7 +166,7 @@ def worker_train(args: dict) -> dict:
     from job.dataset import training_batches
     from job.manifest import load_manifest
     from job.model import build_model, parameter_count, use_cpu_friendly_backward
-    from job.run import configure_compile_cache
+    from job.step_cache import configure_compile_cache
     from job.tokens import load_tokenizer
     from job.train import Prefetch, Trainer
 
@@ -202,8 +202,8 @@ def worker_train(args: dict) -> dict:
 
     work = Path(args["work"])
     train_started = time.time()
-    trainer = Trainer(built.model, m.training, Timing(), threading.Event(),
-                      checkpoint_dir=str(work / "ckpt"), tensorboard_dir=str(work / "tb"))
+    trainer = Trainer(built.model, m.training, Timing(), threading.Event(), checkpoint_dir=str(work / "ckpt"),
+                      tensorboard_dir=str(work / "tb"), exported_steps=not args.get("compile_cache_only"))
     with stream:
         trainer.train(stream, [])
     # Steady state: skip the compile, the step-1 checkpoint and the final save.
@@ -527,16 +527,19 @@ def bench(quick: bool) -> dict:
         except RuntimeError as err:  # the profiler's format is not a stable API: report, go on
             results["profile"] = str(err).splitlines()[0]
 
-        starts: dict[str, list[dict]] = {"cold": [], "warm": []}
+        # Cold and warm starts as the job makes them (exported steps + JAX's compile cache), and with JAX's
+        # compile cache alone (Tunix's nnx.jit): what the exported steps (step_cache.py) add.
+        starts: dict[str, list[dict]] = {kind: [] for kind in ("cold", "warm", "cold_jit_only", "warm_jit_only")}
         for r in range(plan["start_repeats"]):
-            cache = work / f"start-cache-{r}"
-            for kind in ("cold", "warm"):  # the same fresh cache dir: empty, then filled by the cold run
-                log(f"time to first step: {kind} ({r + 1}/{plan['start_repeats']})")
-                result, started = run_worker(
-                    "train", {"manifest": str(work / "start.json"), "work": str(work / f"start-{kind}-{r}"), "skip": 1},
-                    start_env(cache))
-                starts[kind].append({"process_to_first_step_s": result["first_step_at"] - started,
-                                     "train_to_first_step_s": result["first_step_at"] - result["train_started_at"]})
+            for suffix, more in (("", {}), ("_jit_only", {"compile_cache_only": True})):
+                cache = work / f"start-cache{suffix}-{r}"
+                for kind in (f"cold{suffix}", f"warm{suffix}"):  # the same fresh cache dir: empty, then filled
+                    log(f"time to first step: {kind} ({r + 1}/{plan['start_repeats']})")
+                    result, started = run_worker(
+                        "train", {"manifest": str(work / "start.json"), "work": str(work / f"start-{kind}-{r}"),
+                                  "skip": 1, **more}, start_env(cache))
+                    starts[kind].append({"process_to_first_step_s": result["first_step_at"] - started,
+                                         "train_to_first_step_s": result["first_step_at"] - result["train_started_at"]})
         results["starts"] = starts
 
         log("data pipeline")
@@ -592,6 +595,8 @@ def summarize(raw: dict) -> dict:
         "warm_first_step_s": med(starts["warm"]),
         "cold_compile_to_first_step_s": med(compiles["cold"]),
         "warm_compile_to_first_step_s": med(compiles["warm"]),
+        "warm_first_step_jit_only_s": med(starts["warm_jit_only"]),
+        "warm_compile_to_first_step_jit_only_s": med(compiles["warm_jit_only"]),
         "data_records_per_s": med(data["local"]["records_per_s"]),
         "data_gcs_records_per_s": med(data["gcs"]["records_per_s"]) if "gcs" in data else None,
         "data_large_file_mb": raw["data_large"]["local"]["bytes"] / 2**20,
@@ -605,6 +610,7 @@ def summarize(raw: dict) -> dict:
     summary["ratios"] = {
         "packed_vs_baseline_effective_tokens": summary["effective_tokens_per_s"] / summary["baseline_effective_tokens_per_s"],
         "warm_vs_cold_first_step": summary["warm_first_step_s"] / summary["cold_first_step_s"],
+        "warm_exported_vs_jit_only_first_step": summary["warm_first_step_s"] / summary["warm_first_step_jit_only_s"],
         "data_vs_training_records": summary["data_records_per_s"] / summary["train_records_per_s"],
         "decode_batched_vs_single": summary["decode_batched_tokens_per_s"] / summary["decode_single_tokens_per_s"],
         "dense_step_vs_f32_ceiling": summary["step_fraction_of_f32_ceiling"],
@@ -684,6 +690,9 @@ def markdown(report: dict) -> str:
         ("time to first step, fresh process: cold / warm compile cache",
          f"{rng(d['first_step_s']['cold'], 1)} / {rng(d['first_step_s']['warm'], 1)} s "
          f"(of which from train start: {f(s['cold_compile_to_first_step_s'])} / {f(s['warm_compile_to_first_step_s'])} s)"),
+        ("time to first step, warm: exported steps + compile cache (the job) / JAX's compile cache alone",
+         f"{rng(d['first_step_s']['warm'], 1)} / {rng(d['first_step_s']['warm_jit_only'], 1)} s "
+         f"(from train start: {f(s['warm_compile_to_first_step_s'])} / {f(s['warm_compile_to_first_step_jit_only_s'])} s)"),
         ("data pipeline (read, parse, render, tokenize): local / GCS server on loopback",
          f"{rng(d['data']['local']['records_per_s'], 0)} / "
          + (f"{rng(d['data']['gcs']['records_per_s'], 0)}" if "gcs" in d["data"] else "n/a")

@@ -156,7 +156,7 @@ def test_the_job_sets_up_the_compile_cache_from_the_environment(monkeypatch, tmp
     import jax
 
     from job import settings
-    from job.run import configure_compile_cache
+    from job.step_cache import configure_compile_cache
 
     saved = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
     try:

@@ -42,6 +42,33 @@ def test_secret_environment_values_are_redacted_anywhere(monkeypatch, capsys):
     assert "registry/job:1" in err
 
 
+@pytest.mark.parametrize("name", [
+    "DB_PWD", "SERVICE_PASSWORD", "BACKEND_API_TOKEN", "HF_TOKEN", "AWS_SECRET_ACCESS_KEY", "awsSecretAccessKey",
+    "WANDB_API_KEY", "APIKEY", "GOOGLE_APPLICATION_CREDENTIALS", "SSH_PRIVATE_KEY", "GH_AUTH", "MY_SECRET",
+    "X_PASSWD", "DJANGO_SECRET_KEY", "COOKIE", "app.password", "SIGNING_KEY",
+])
+def test_variables_whose_names_say_secret_are_secret(name):
+    assert logs.is_secret_name(name)
+
+
+@pytest.mark.parametrize("name", [
+    "PWD", "OLDPWD", "HOME", "PATH", "KEYBOARD_LAYOUT", "AUTHOR", "TOKENIZER_URI", "MONKEY", "TUNIX_JOB_IMAGE",
+    "PASSTHROUGH", "KEYS_DIR", "TOKENIZERS_PARALLELISM", "AUTHORITY", "PRIVATEER", "SECRETARY", "XDG_SESSION_TYPE",
+])
+def test_ordinary_variables_are_not_secret(name):
+    assert not logs.is_secret_name(name)
+
+
+def test_the_working_directory_is_kept_in_every_record(monkeypatch, tmp_path, capsys):
+    """$PWD and $OLDPWD name directories: a run started from its own folder still says where its data came from."""
+    work = tmp_path / "audit"
+    monkeypatch.setenv("PWD", str(work))
+    monkeypatch.setenv("OLDPWD", str(tmp_path))
+    monkeypatch.setenv("DB_PWD", "real-password-123")
+    text = f"{work}/data.jsonl, {work}-work/eval.jsonl and real-password-123"
+    assert redact(text) == f"{work}/data.jsonl, {work}-work/eval.jsonl and {REDACTED}"
+
+
 def test_a_failed_run_with_credentials_in_its_uris_leaks_none(tmp_path, monkeypatch, capsys):
     from job.run import run_job
 

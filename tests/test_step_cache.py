@@ -30,7 +30,7 @@ def compile_cache(tmp_path):
     jax.config.update("jax_compilation_cache_dir", saved)
 
 
-def train(work: Path, *overrides: str) -> tuple[list[float], list[np.ndarray]]:
+def train(work: Path, *overrides: str, exported_steps: bool = True) -> tuple[list[float], list[np.ndarray]]:
     """A few steps through the job's Trainer; the step losses and the trained weights."""
     m = load_manifest(str(DEMO), [*SMALL, *overrides])
     tok = load_tokenizer(None)
@@ -47,8 +47,8 @@ def train(work: Path, *overrides: str) -> tuple[list[float], list[np.ndarray]]:
         def on_checkpoint(self, step):
             pass
 
-    trainer = Trainer(model, m.training, Listener(), threading.Event(),
-                      checkpoint_dir=str(work / "ckpt"), tensorboard_dir=str(work / "tb"))
+    trainer = Trainer(model, m.training, Listener(), threading.Event(), checkpoint_dir=str(work / "ckpt"),
+                      tensorboard_dir=str(work / "tb"), exported_steps=exported_steps)
     trainer.train(training_batches(m, tok, m.seed), [])
     return losses, [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
 
@@ -85,3 +85,11 @@ def test_an_unreadable_exported_step_is_traced_again_and_replaced(compile_cache,
     assert again[0] == cold[0]
     (replaced, exported), = saved_steps(compile_cache).items()
     assert replaced == name and jax.export.deserialize(bytearray(exported)).fun_name
+
+
+def test_without_exported_steps_tunix_compiles_the_same_training(compile_cache, tmp_path):
+    """The benchmark's comparison (JAX's compile cache alone) trains the same model: only the compile path differs."""
+    exported = train(tmp_path / "exported")
+    plain = train(tmp_path / "plain", exported_steps=False)
+    np.testing.assert_allclose(plain[0], exported[0], rtol=1e-5)
+    assert len(saved_steps(compile_cache)) == 1  # the plain run exported nothing
