@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
+import os
 import sys
-import threading
 import traceback
 from collections.abc import Sequence
 
@@ -27,30 +26,19 @@ def _manifest_uri(args) -> str:
     return uri
 
 
-_stop_requested = threading.Event()
-
-
-def _sigterm_before_the_run(signum, frame) -> None:
-    # Noted, not raised: an exception raised here can land inside a library's broad `except` and be
-    # swallowed (it was: the run went on). run_job stops at its first boundary; the run shares the flag.
-    logs.warning("SIGTERM before the run started: stopping")
-    _stop_requested.set()
-
-
 def cmd_run(args) -> int:
     # In a container the job is PID 1, and the kernel drops SIGTERM to PID 1 while no handler is set:
-    # without this one, a pod stopped while JAX imports or the manifest loads would wait out its grace
-    # period and be killed. The run installs its own handler (stop after the current step) once it starts.
-    previous = signal.signal(signal.SIGTERM, _sigterm_before_the_run)
-    try:
+    # without one, a pod stopped while JAX imports or the manifest loads would wait out its grace
+    # period and be killed. SIGTERM and Ctrl-C both stop the run at its next safe point (job/stopping.py).
+    from job.stopping import StopRequest
+
+    with StopRequest().handling_signals() as stop:
         from job import distributed
 
         distributed.start(settings.current().cluster)  # before any other JAX use; nothing happens on one process
         from job.run import run_job
 
-        return run_job(_manifest_uri(args), args.set, fresh=args.fresh, stop=_stop_requested)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        return run_job(_manifest_uri(args), args.set, fresh=args.fresh, stop=stop)
 
 
 def cmd_validate(args) -> int:
@@ -86,7 +74,7 @@ def cmd_validate(args) -> int:
     report["ok"] = not problems
     for problem in problems:
         logs.error(problem)
-    print(json.dumps(report, indent=2))
+    logs.output(report, indent=2)
     return EXIT_OK if not problems else EXIT_BAD_INPUT
 
 
@@ -103,8 +91,8 @@ def cmd_render(args) -> int:
         logs.warning("rejected record", where=f"{r.uri}:{r.line}", reason=r.reason)
 
     for prepared in prepare(m, tokenizer, on_reject):
-        print(json.dumps({"id": prepared.example.id, "text": prepared.rendered.text,
-                          "completion": prepared.rendered.completion}, ensure_ascii=False))
+        logs.output({"id": prepared.example.id, "text": prepared.rendered.text,
+                     "completion": prepared.rendered.completion}, ensure_ascii=False)
     return EXIT_OK
 
 
@@ -122,14 +110,14 @@ def cmd_score(args) -> int:
             except ValueError as err:
                 raise BadInput(f"{args.predictions}:{number}: not a JSON object ({err})") from None
     for row in score_predictions(items, predictions):
-        print(json.dumps(row, ensure_ascii=False))
+        logs.output(row, ensure_ascii=False)
     return EXIT_OK
 
 
 def cmd_schema(args) -> int:
     from job.manifest import json_schema
 
-    print(json.dumps(json_schema(), indent=2))
+    logs.output(json_schema(), indent=2)
     return EXIT_OK
 
 
@@ -141,7 +129,7 @@ def cmd_import(args) -> int:
     if urlparse(args.api).scheme not in ("http", "https") or not urlparse(args.api).netloc:
         raise BadInput(f"--api: {args.api!r} is not an http(s) URL; pass e.g. http://localhost:8000")
     summary = import_run(args.run, args.api, log=logs.info)
-    print(json.dumps(summary))
+    logs.output(summary)
     return EXIT_OK
 
 
@@ -187,6 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except JobError as err:
         logs.error(str(err), exit_code=err.exit_code, error=type(err).__name__)
         code, message = err.exit_code, f"{type(err).__name__}: {err}"
+    except BrokenPipeError:
+        # The reader of stdout went away (`render | head -1`): it has what it wanted; say nothing more to it.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_OK
     except KeyboardInterrupt:
         logs.error("interrupted", exit_code=EXIT_UNEXPECTED)
         code, message = EXIT_UNEXPECTED, "interrupted"

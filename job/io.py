@@ -348,6 +348,43 @@ def sha256(uri: str) -> str:
     return _retrying(uri, call)
 
 
+def fingerprint(uri: str) -> str:
+    """A digest of what is at `uri` (a file, or every file under a folder) from its listing alone: each
+    file's relative path, size and the store's own checksum (GCS crc32c or md5) or else its modification
+    time. Cheap for a many-GB checkpoint, and it changes when any file does."""
+    fs, path = _fs(uri)
+
+    def call() -> str:
+        fs.invalidate_cache(path)
+        found = fs.find(path, withdirs=False, detail=True, **_deadline(fs))
+        root = path.rstrip("/")
+        digest = hashlib.sha256()
+        for name, info in sorted(found.items()):
+            stamp = next((info[k] for k in ("crc32c", "md5Hash", "ETag", "etag", "mtime", "updated") if info.get(k)), "")
+            digest.update(json.dumps([name[len(root):].lstrip("/"), info.get("size"), str(stamp)]).encode("utf-8"))
+        return digest.hexdigest()
+
+    return _retrying(uri, call)
+
+
+def canonical(uri: str) -> str:
+    """One spelling per location, for comparing where things are: a local path made absolute with its
+    links resolved ("file://" dropped), any other URI with "." and ".." resolved and repeated or
+    trailing "/" removed."""
+    if is_local(uri):
+        return os.path.realpath(local_path(uri))
+    kind = scheme(uri)
+    bucket, _, key = uri[len(kind) + 3:].partition("/")
+    key = posixpath.normpath("/" + key).lstrip("/") if key else ""
+    return f"{kind}://{bucket}/{key}".rstrip("/")
+
+
+def is_within(uri: str, folder: str) -> bool:
+    """True when `uri` is `folder` or lies under it (both canonical)."""
+    uri, folder = canonical(uri), canonical(folder)
+    return uri == folder or uri.startswith(folder.rstrip("/") + "/")
+
+
 def listdir(uri: str) -> list[str]:
     """Full URIs of the directory's entries, sorted; [] when it does not exist."""
     fs, path = _fs(uri)

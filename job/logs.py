@@ -2,14 +2,14 @@
 
 On a terminal: short human lines. Elsewhere (a container, a Kubernetes pod): one JSON object per
 line with a `severity` field, which Cloud Logging parses into structured entries. Everything goes
-to stderr so that stdout stays free for command output (render, score, schema).
+to stderr so that stdout stays free for command output (render, score, schema), which `output` writes.
 
 Nothing secret is logged: `redact` removes the password part of URIs (`user:pass@`), the values of
 signed-URL and token query parameters (`X-Goog-Signature`, `X-Amz-Signature`, `token`, ...) and the
 value of any environment variable whose name says it is secret (a word of the name is TOKEN,
 SECRET, PASSWORD, PWD, CREDENTIALS, ... or API/ACCESS/PRIVATE/SECRET KEY; `is_secret_name`)
-wherever it appears. The run's status.json and
-run_manifest.json go through it too.
+wherever it appears. It is the one redaction for every channel: log lines, command output
+(`output`) and every text file the job writes in a run directory (rundir.py).
 """
 
 from __future__ import annotations
@@ -80,6 +80,12 @@ def log(message: str, severity: str = "INFO", **fields) -> None:
     else:
         record = {"severity": severity, "message": message, "time": utc_now("milliseconds"), **fields}
         print(redact(json.dumps(record, default=str)), file=stream, flush=True)
+
+
+def output(obj: Any, indent: int | None = None, ensure_ascii: bool = True) -> None:
+    """Command output (validate's report, render's and score's lines): one JSON document on stdout,
+    credentials redacted as in every log line and every file the job writes."""
+    print(redact(json.dumps(obj, indent=indent, ensure_ascii=ensure_ascii)), flush=True)
 
 
 def _short(value) -> str:

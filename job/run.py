@@ -16,15 +16,13 @@ import hashlib
 import json
 import os
 import secrets
-import signal
 import tempfile
-import threading
 from collections.abc import Callable
 
 import jax
 from flax import nnx
 
-from job import distributed, io, logs, outputs, settings, tunix_compat
+from job import distributed, identity, io, logs, outputs, settings, tunix_compat
 from job.dataset import DataCounts, eval_batches, scan, training_batches, unusable
 from job.errors import BadInput, JobError, Retriable, transient_cause
 from job.evaluate import Decoder, EvalRun, evaluate, generations_record, load_generations
@@ -33,42 +31,67 @@ from job.manifest import Manifest, derive_run_id, load_manifest, run_dir
 from job.model import BuiltModel, build_model, final_description, parameter_count, save_final_weights
 from job.provenance import program_key, utc_now, versions
 from job.report import build_delta_report, plot_loss_curve, render_markdown
-from job.rundir import (CHECKPOINTS, EVAL_BEFORE_GENERATIONS, FINAL, REJECTS, TENSORBOARD, Metrics, RunDir,
-                        RunRecord, Status)
+from job.rundir import (CHECKPOINTS, EVAL_BEFORE_GENERATIONS, FINAL, REJECTS, RUN_FORMAT, TENSORBOARD, Metrics,
+                        RunDir, RunRecord, Status)
 from job.step_cache import configure_compile_cache
+from job.stopping import StopRequest
 from job.tokens import load_tokenizer
 from job.train import Prefetch, StepReport, Trainer, TrainResult
 
 
 class Preempted(Retriable):
-    """SIGTERM arrived (spot preemption, pod eviction): the run saved what it could; rerun to resume."""
+    """A stop was asked (SIGTERM, Ctrl-C, a lost lease): the run saved what it could; rerun to resume."""
 
 
 def run_job(manifest_uri: str, overrides: list[str] = (), fresh: bool = False,
-            stop: threading.Event | None = None) -> int:
+            stop: StopRequest | None = None) -> int:
     """Run a manifest to a finished run directory. Returns 0, or raises JobError with its exit code.
 
-    `stop`, set by a SIGTERM that came before the run's own handler, stops it at its first boundary.
+    `stop` (set by SIGTERM or Ctrl-C, job/stopping.py) stops the run at its next safe point.
     """
-    stop = stop or threading.Event()
+    stop = stop or StopRequest()
     configure_compile_cache()
     m = load_manifest(manifest_uri, overrides)
-    run_id = derive_run_id(m)
-    rundir = RunDir(run_dir(m, run_id))
-    if not fresh and _succeeded(rundir):
+    rundir = RunDir(run_dir(m, derive_run_id(m)))
+    # Before anything is written (the lease included): the run directory must be apart from the
+    # inputs and be this job's own.
+    rundir.refuse_inputs_inside({"the manifest": manifest_uri, "dataset.uri": m.dataset.uri, "eval.uri": m.eval.uri,
+                                 "model.weights_uri": m.model.weights_uri, "model.tokenizer_uri": m.model.tokenizer_uri})
+    rundir.refuse_if_not_ours()
+    if not fresh and _finished(m, rundir):
         return 0
     if stop.is_set():
-        raise Preempted("SIGTERM before the run started: nothing to save; run the same manifest again")
-    run = Run(m, run_id, rundir, manifest_uri, stop)
+        raise Preempted(f"{stop.reason} before the run started: nothing to save; run the same manifest again")
+    run = Run(m, derive_run_id(m), rundir, manifest_uri, stop)
     # Nothing is written (not even --fresh's removal) before the run's lease is held.
     with rundir.lease(on_lost=run.lose_lease):
         if fresh:
             logs.warning("fresh run requested: removing the previous run directory", run_dir=rundir.uri)
             rundir.clear()
         distributed.barrier("started")  # every process sees the same run directory
-        if not fresh and _succeeded(rundir):  # another process finished it while this one waited for the lease
+        if not fresh and _finished(m, rundir):  # another process finished it while this one waited for the lease
             return 0
         return run.execute()
+
+
+def _finished(m: Manifest, rundir: RunDir) -> bool:
+    """True when this run already succeeded there; BadInput when another run (another identity) did."""
+    if not rundir.succeeded():
+        return False
+    recorded = rundir.read_record() or {}
+    if recorded.get("identity"):
+        seed = m.seed if m.seed is not None else recorded["seed"]
+        current = identity.of_config(m, seed)
+        identity.refuse_if_different(rundir.uri, recorded["identity"], current)
+        # The data too: read again (without writing anything) and compared by content.
+        tokenizer = load_tokenizer(m.model.tokenizer_uri)
+        eval_digest = hashlib.sha256()
+        read_eval_items(m.eval.uri, m.eval.limit, eval_digest)
+        counts, _ = scan(m, tokenizer)
+        identity.refuse_if_different(rundir.uri, recorded["identity"], {
+            **current, "dataset_sha256": counts.sha256, "eval_sha256": eval_digest.hexdigest()})
+    logs.info("this run already succeeded; nothing to do (pass --fresh to run it again)", run_dir=rundir.uri)
+    return True
 
 
 def _on(mesh):
@@ -76,37 +99,27 @@ def _on(mesh):
     return mesh if mesh is not None else contextlib.nullcontext()
 
 
-def _succeeded(rundir: RunDir) -> bool:
-    if rundir.succeeded():
-        logs.info("this run already succeeded; nothing to do (pass --fresh to run it again)", run_dir=rundir.uri)
-        return True
-    return False
-
-
 class Run:
     """One attempt at a run: the flow, in `_run`, top to bottom; the run directory keeps the files."""
 
-    def __init__(self, m: Manifest, run_id: str, rundir: RunDir, manifest_uri: str, stop: threading.Event):
+    def __init__(self, m: Manifest, run_id: str, rundir: RunDir, manifest_uri: str, stop: StopRequest):
         self.m, self.run_id, self.dir, self.manifest_uri = m, run_id, rundir, manifest_uri
         self.status = Status(rundir, m.training.steps)
         self.metrics = Metrics(rundir)
-        # Set by SIGTERM. Never raise from the signal handler: libraries (JAX's compile cache, for one)
-        # catch broad exceptions and would swallow it. Training stops after its current step; other
-        # phases stop at the next phase boundary.
-        self.stop = stop
-        self.stop_reason = "SIGTERM"
+        self.stop = stop  # training stops after its current step; other phases at the next phase boundary
         self.resumed_from = 0
         self.record: RunRecord | None = None
 
     # -- the run ---------------------------------------------------------------------------------
 
     def execute(self) -> int:
-        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         distributed.on_peer_failure(lambda code, message: self._safe_status(
             state="preempted" if code == Preempted.exit_code else "failed", error=message))
         try:
             self._run()
             return 0
+        except identity.AnotherRun:
+            raise  # not this run's directory to mark
         except Preempted as err:
             self._safe_status(state="preempted", error=str(err))
             raise
@@ -119,17 +132,13 @@ class Run:
                 raise Retriable(f"storage or network error ({type(err).__name__}: {err}); "
                                 "run the same manifest again to resume") from err
             raise
-        finally:
-            signal.signal(signal.SIGTERM, previous)
 
     def _run(self) -> None:
         m = self.m
         logs.info("run starting", run_id=self.run_id, run_dir=self.dir.uri)
         tunix_compat.check()
-        self.status.set(state="validating")
-        self.record = self._start_record()
-        self.dir.write_record(self.record)
-
+        # Nothing is written before this attempt is shown to be the run the directory holds (if any).
+        self.record = self._start_record(self.dir.read_record())
         tokenizer = load_tokenizer(m.model.tokenizer_uri)
         items = self._read_eval_set()
         counts, held_out = self._validate_data(tokenizer)
@@ -147,7 +156,7 @@ class Run:
             result = self._train(built, train_stream, held_out, mesh)
         if result.stopped_early:
             self.status.set(step=result.end_step)
-            raise Preempted(f"stopped at step {result.end_step} of {m.training.steps} on {self.stop_reason}; "
+            raise Preempted(f"stopped at step {result.end_step} of {m.training.steps} on {self.stop.reason}; "
                             "the checkpoint is saved: run the same manifest again to resume")
         self.record.training = {"resumed_from_step": result.start_step, "steps": result.end_step}
 
@@ -162,24 +171,29 @@ class Run:
             self._write_outputs(before, after, counts)
         distributed.barrier("outputs-written")
 
-    def _start_record(self) -> RunRecord:
+    def _start_record(self, recorded: dict | None) -> RunRecord:
+        """This attempt's record; BadInput when the directory holds a run of another identity."""
+        seed = self._seed(recorded)
+        config = identity.of_config(self.m, seed)
+        previous = (recorded or {}).get("identity")
+        identity.refuse_if_different(self.dir.uri, previous, config)
         return RunRecord(
-            run_id=self.run_id, seed=self._seed(), manifest_uri=self.manifest_uri,
+            format=RUN_FORMAT, run_id=self.run_id, seed=seed, manifest_uri=self.manifest_uri,
             manifest=json.loads(self.m.model_dump_json()), versions=versions(),
             settings=settings.current().as_record(), image=settings.current().image,
             devices=[str(d) for d in jax.devices()], backend=jax.default_backend(),
             compile_cache=settings.current().compile_cache_dir,
-            processes=jax.process_count(), started_at=utc_now())
+            processes=jax.process_count(), started_at=utc_now(), identity=config)
 
-    def _seed(self) -> int:
+    def _seed(self, recorded: dict | None) -> int:
         """The manifest's seed; else the one an earlier attempt of this run recorded; else a new one
         (generated or read back by each process: process 0's stands)."""
         if self.m.seed is not None:
             return self.m.seed
-        seed = self.dir.recorded_seed()
-        if seed is None:
-            seed = secrets.randbits(31)
-            logs.info("no seed in the manifest: generated one", seed=seed)
+        if recorded is not None and isinstance(recorded.get("seed"), int):
+            return recorded["seed"]
+        seed = secrets.randbits(31)
+        logs.info("no seed in the manifest: generated one", seed=seed)
         return distributed.same_everywhere(seed)
 
     def _read_eval_set(self) -> list:
@@ -193,9 +207,17 @@ class Run:
         logs.info("scanning the dataset", uri=m.dataset.uri)
         with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False, encoding="utf-8") as rejects:
             def on_reject(r):
-                rejects.write(json.dumps({"uri": logs.redact(r.uri), "line": r.line, "reason": r.reason, "raw": r.raw}) + "\n")
+                rejects.write(logs.redact(json.dumps({"uri": r.uri, "line": r.line, "reason": r.reason, "raw": r.raw})) + "\n")
             counts, held_out = scan(m, tokenizer, on_reject)
         try:
+            # The data is the run's too: a resumed run proves it reads what it trained on before it writes.
+            data = {"dataset_sha256": counts.sha256, "eval_sha256": self.record.eval_sha256}
+            identity.refuse_if_different(self.dir.uri, (self.dir.read_record() or {}).get("identity"),
+                                         {**self.record.identity, **data})
+            self.record.identity.update(data)
+            self.record.dataset_sha256, self.record.data = counts.sha256, counts.as_dict()
+            self.dir.write_record(self.record)
+            self.status.set(state="validating")
             self.dir.upload(rejects.name, REJECTS)
         finally:
             os.unlink(rejects.name)
@@ -204,8 +226,6 @@ class Run:
             logs.warning("rejected record", where=f"{r.uri}:{r.line}", reason=r.reason)
         if problems := unusable(counts, m):
             raise BadInput(f"{'; '.join(problems)}; every reject is in {self.dir.path(REJECTS)}")
-        self.record.dataset_sha256, self.record.data = counts.sha256, counts.as_dict()
-        self.dir.write_record(self.record)
         return counts, held_out
 
     def _build_model(self, tokenizer, mesh) -> tuple[BuiltModel, Callable[[], Decoder]]:
@@ -258,7 +278,7 @@ class Run:
         self.status.set(state="training", phase=None)
         with tempfile.TemporaryDirectory(prefix="tensorboard-") as tb_dir, _on(mesh):
             holdout_batches = list(distributed.local_batches(eval_batches(self.m, held_out), mesh))
-            trainer = Trainer(built.model, self.m.training, self, self.stop,
+            trainer = Trainer(built.model, self.m.training, self, self.stop.event,
                               checkpoint_dir=self.dir.path(CHECKPOINTS), tensorboard_dir=tb_dir)
             self.resumed_from = trainer.restored_step
             self.metrics.resume_from(self.resumed_from)
@@ -349,17 +369,12 @@ class Run:
 
     def lose_lease(self, reason: str) -> None:
         """Another process owns the run directory now: stop like on SIGTERM, at the next boundary."""
-        self.stop_reason = f"losing the run's lease ({reason})"
-        self.stop.set()
-
-    def _on_sigterm(self, signum, frame) -> None:
-        logs.warning("SIGTERM: stopping (during training: after the current step, with a checkpoint)")
-        self.stop.set()
+        self.stop.ask(f"losing the run's lease ({reason})")
 
     def _stop_if_asked(self) -> None:
         # Every process passes the same boundaries: agreeing here stops them all at the same one.
         if distributed.any_process(self.stop.is_set()):
-            raise Preempted(f"stopped by {self.stop_reason}; run the same manifest again to resume")
+            raise Preempted(f"stopped by {self.stop.reason}; run the same manifest again to resume")
 
 
 def _trainable_kind(m: Manifest):

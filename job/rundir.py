@@ -9,7 +9,9 @@ when the run ends: adding an artifact is writing it through this module, nothing
 written last and only when everything else is there, so its absence means the run did not finish.
 
 Files:
-- `run_manifest.json`: the run record (`RunRecord`): seed, resolved manifest, versions, input hashes.
+- `run_manifest.json`: the run record (`RunRecord`): seed, resolved manifest, versions, input hashes,
+  the run's identity (identity.py), and `format`, the mark that this job made the directory: the
+  job writes into, and deletes in, only a directory that is missing, empty or so marked.
 - `status.json`: where the run is (`Status`), rewritten as it moves.
 - `metrics.jsonl`: one JSON line per logged step and per eval-loss point. While the run trains they
   are appended as numbered segments, `metrics/segment-NNNNNN.jsonl`, one per flush holding only the
@@ -30,9 +32,11 @@ import os
 from collections.abc import Callable, Iterator
 
 from job import distributed, io, logs
+from job.errors import BadInput
 from job.lease import LEASE_FILE, Lease
 from job.provenance import utc_now
 
+RUN_FORMAT = "tunix-rt-job/run/1"  # in run_manifest.json: the mark of a directory this job made
 RUN_RECORD = "run_manifest.json"
 STATUS = "status.json"
 METRICS = "metrics.jsonl"
@@ -49,6 +53,7 @@ SUCCESS_FILE = "_SUCCESS"
 class RunRecord:
     """run_manifest.json: what this run is and what it was made with; filled in as the run learns it."""
 
+    format: str
     run_id: str
     seed: int
     manifest_uri: str
@@ -61,6 +66,7 @@ class RunRecord:
     compile_cache: str | None
     processes: int
     started_at: str
+    identity: dict  # identity.py: what a later attempt must match
     ended_at: str | None = None
     dataset_sha256: str | None = None
     eval_sha256: str | None = None
@@ -89,6 +95,25 @@ class RunDir:
     def succeeded(self) -> bool:
         return io.exists(self.path(SUCCESS_FILE))
 
+    def refuse_inputs_inside(self, inputs: dict[str, str | None]) -> None:
+        """BadInput when an input ({field: uri}) lies inside the run directory, or the run directory
+        inside an input: the run would write over (or --fresh delete) what it reads."""
+        for field, uri in inputs.items():
+            if uri and (io.is_within(uri, self.uri) or io.is_within(self.uri, uri)):
+                where = "inside" if io.is_within(uri, self.uri) else "around"
+                raise BadInput(f"{field}: {uri} lies {where} the run directory {self.uri}; nothing was written. "
+                               "Choose an output.uri (or run_id) apart from the run's inputs")
+
+    def refuse_if_not_ours(self) -> None:
+        """BadInput unless the directory is missing, empty, holds only a lease, or was made by this job
+        (its run_manifest.json says so): the job writes and deletes only in run directories it made."""
+        names = sorted(io.basename(child) for child in io.listdir(self.uri))
+        if set(names) <= {LEASE_FILE} or _made_by_this_job(self.read_record()):
+            return
+        shown = ", ".join(names[:10]) + (f", ... ({len(names)} entries)" if len(names) > 10 else "")
+        raise BadInput(f"{self.uri} exists and is not a run directory of this job (no {RUN_RECORD} written by it); "
+                       f"it holds: {shown}. Nothing was touched. Choose another output.uri or run_id")
+
     def clear(self) -> None:
         """Remove everything an earlier run left here but the lease (held by this run now)."""
         if self.writer:
@@ -99,8 +124,9 @@ class RunDir:
     # -- writes -----------------------------------------------------------------------------------
 
     def write_text(self, name: str, text: str, artifact: bool = True) -> None:
+        """Text, with credentials redacted (logs.redact): no file of the run directory holds one."""
         if self.writer:
-            io.write_text(self.path(name), text)
+            io.write_text(self.path(name), logs.redact(text))
             self._register(name, artifact)
 
     def write_bytes(self, name: str, data: bytes, artifact: bool = True) -> None:
@@ -109,9 +135,7 @@ class RunDir:
             self._register(name, artifact)
 
     def write_json(self, name: str, obj, artifact: bool = True) -> None:
-        if self.writer:
-            io.write_json(self.path(name), obj)
-            self._register(name, artifact)
+        self.write_text(name, json.dumps(obj, indent=2, ensure_ascii=False) + "\n", artifact)
 
     def write_jsonl(self, name: str, lines: list[dict], artifact: bool = True) -> None:
         self.write_text(name, "".join(json.dumps(line) + "\n" for line in lines), artifact)
@@ -161,12 +185,24 @@ class RunDir:
     # -- the run record ---------------------------------------------------------------------------
 
     def write_record(self, record: RunRecord) -> None:
-        self.write_json(RUN_RECORD, logs.redact(dataclasses.asdict(record)))
+        self.write_json(RUN_RECORD, dataclasses.asdict(record))
 
-    def recorded_seed(self) -> int | None:
-        """The seed an earlier attempt of this run recorded, if one did."""
+    def read_record(self) -> dict | None:
+        """The run record an earlier attempt wrote, or None when there is none or it is not one."""
         uri = self.path(RUN_RECORD)
-        return int(io.read_json(uri)["seed"]) if io.exists(uri) else None
+        if not io.exists(uri):
+            return None
+        try:
+            record = io.read_json(uri)
+        except (BadInput, ValueError):  # not JSON (or not JSON the job can read): not a record of this job
+            return None
+        return record if isinstance(record, dict) else None
+
+
+def _made_by_this_job(record: dict | None) -> bool:
+    # Run directories made before the format mark carry the job's version among their versions.
+    return record is not None and (record.get("format") == RUN_FORMAT
+                                   or "tunix-rt-job" in (record.get("versions") or {}))
 
 
 def _files_under(uri: str, prefix: str) -> Iterator[str]:
@@ -187,7 +223,7 @@ class Status:
 
     def set(self, **fields) -> None:
         self.fields.update(fields, updated_at=utc_now())
-        self.dir.write_json(STATUS, logs.redact(self.fields))
+        self.dir.write_json(STATUS, self.fields)
 
 
 class Metrics:

@@ -61,13 +61,18 @@ class Tokenizer:
         return self.processor.decode([int(i) for i in ids])
 
 
+def tokenizer_bytes(uri: str | None) -> bytes:
+    """The SentencePiece model's bytes at `uri`; None means the tiny tokenizer shipped with the job."""
+    if uri is None:
+        return importlib.resources.files("job.assets").joinpath(SHIPPED_TOKENIZER).read_bytes()
+    return io.read_bytes(uri)
+
+
 def load_tokenizer(uri: str | None) -> Tokenizer:
     """Load a SentencePiece model by URI; None means the tiny tokenizer shipped with the job."""
+    data = tokenizer_bytes(uri)
     if uri is None:
-        data = importlib.resources.files("job.assets").joinpath(SHIPPED_TOKENIZER).read_bytes()
         uri = f"(shipped) {SHIPPED_TOKENIZER}"
-    else:
-        data = io.read_bytes(uri)
     processor = spm.SentencePieceProcessor()
     try:
         processor.LoadFromSerializedProto(data)

@@ -7,11 +7,11 @@ import json
 import os
 
 from job import io
-from job.rundir import METRICS, METRICS_SEGMENTS, SUCCESS_FILE, Metrics, RunDir, RunRecord, Status
+from job.rundir import METRICS, METRICS_SEGMENTS, RUN_FORMAT, SUCCESS_FILE, Metrics, RunDir, RunRecord, Status
 
 
 def record(**fields) -> RunRecord:
-    base = dict(run_id="r", seed=7, manifest_uri="m.json", manifest={}, versions={}, settings={}, image=None,
+    base = dict(format=RUN_FORMAT, identity={}, run_id="r", seed=7, manifest_uri="m.json", manifest={}, versions={}, settings={}, image=None,
                 devices=["cpu:0"], backend="cpu", compile_cache=None, processes=1, started_at="t")
     return RunRecord(**{**base, **fields})
 
@@ -58,14 +58,25 @@ def test_a_process_that_is_not_the_writer_writes_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_the_record_is_redacted_and_its_seed_read_back(tmp_path, monkeypatch):
+def test_the_record_is_redacted_and_read_back(tmp_path, monkeypatch):
     monkeypatch.setenv("MY_API_TOKEN", "s3cr3t-value-123")
     run = RunDir(str(tmp_path / "run"), writer=True)
-    assert run.recorded_seed() is None
+    assert run.read_record() is None
     run.write_record(record(manifest_uri="gs://b/m.json?token=s3cr3t-value-123", seed=99))
     text = (tmp_path / "run" / "run_manifest.json").read_text()
     assert "s3cr3t" not in text
-    assert RunDir(str(tmp_path / "run"), writer=False).recorded_seed() == 99
+    recorded = RunDir(str(tmp_path / "run"), writer=False).read_record()
+    assert recorded["seed"] == 99 and recorded["format"] == RUN_FORMAT
+
+
+def test_every_text_file_written_is_redacted(tmp_path, monkeypatch):
+    monkeypatch.setenv("DB_PASSWORD", "s3cr3t-value-123")
+    run = RunDir(str(tmp_path / "run"), writer=True)
+    run.write_text("a.md", "say s3cr3t-value-123")
+    run.write_json("b.json", {"nested": ["https://u:pw@host/x", "s3cr3t-value-123"]})
+    run.write_jsonl("c.jsonl", [{"x": "s3cr3t-value-123"}])
+    for path in (tmp_path / "run").iterdir():
+        assert b"s3cr3t" not in path.read_bytes() and b"pw@" not in path.read_bytes()
 
 
 def read_segments(run: RunDir) -> list[dict]:
