@@ -190,10 +190,10 @@ class Run:
         (generated or read back by each process: process 0's stands)."""
         if self.m.seed is not None:
             return self.m.seed
-        if recorded is not None and isinstance(recorded.get("seed"), int):
-            return recorded["seed"]
-        seed = secrets.randbits(31)
-        logs.info("no seed in the manifest: generated one", seed=seed)
+        seed = (recorded or {}).get("seed")
+        if not isinstance(seed, int):
+            seed = secrets.randbits(31)
+            logs.info("no seed in the manifest: generated one", seed=seed)
         return distributed.same_everywhere(seed)
 
     def _read_eval_set(self) -> list:
