@@ -421,8 +421,29 @@ def worker_profile(args: dict) -> dict:
             "ops_profiled": len(op_ns), "mlp_matmul_alone_gflops": alone}
 
 
+def worker_identity(args: dict) -> dict:
+    """What the run-identity check adds to a start: identity.of_config (manifest fields, the tokenizer's
+    sha256, a fingerprint of the weights from their listing) with a sharded checkpoint of `files` files."""
+    from job import identity
+    from job.manifest import load_manifest
+
+    weights = Path(args["work"]) / "weights"
+    weights.mkdir(parents=True, exist_ok=True)
+    for k in range(args["files"]):
+        with open(weights / f"model-{k:05d}-of-{args['files']:05d}.safetensors", "wb") as f:
+            f.truncate(args["file_mb"] << 20)  # sparse: the fingerprint reads the listing, not the bytes
+    m = load_manifest(args["manifest"], ["model.preset=\"gemma3_1b_it\"", f"model.weights_uri=\"{weights}\"",
+                                         f"model.tokenizer_uri=\"{ROOT / 'job' / 'assets' / 'tiny_tokenizer.model'}\""])
+    times = []
+    for _ in range(args["repeats"]):
+        t = time.perf_counter()
+        identity.of_config(m, 7)
+        times.append(time.perf_counter() - t)
+    return {"of_config_s": times, "files": args["files"], "gb": args["files"] * args["file_mb"] / 1024}
+
+
 WORKERS = {"matmul": worker_matmul, "train": worker_train, "data": worker_data, "decode": worker_decode,
-           "profile": worker_profile}
+           "profile": worker_profile, "identity": worker_identity}
 
 
 # -------------------------------------------------------------------------------------- driver
@@ -450,6 +471,41 @@ def spread(values: list[float]) -> dict:
 
 def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def write_start_manifest(work: Path) -> Path:
+    return write_manifest(work, "start", {"training.steps": 2, "training.batch_size": 8, "training.max_seq_len": 128,
+                                          "training.length_policy": "truncate"})
+
+
+def starts_only(repeats: int) -> dict:
+    """`--starts-only N`: the time to first step alone (cold/warm, with and without the exported steps), N
+    alternating repeats, medians and spreads printed; BENCHMARKS.* are left as they are."""
+    with tempfile.TemporaryDirectory(prefix="tunix-bench-") as tmp:
+        work = Path(tmp)
+        write_dataset(work / "train.jsonl", 1000, seed=0, max_len=512)
+        write_start_manifest(work)
+        starts = measure_starts(work, repeats)
+    return {kind: {"process_to_first_step_s": spread([s["process_to_first_step_s"] for s in runs]),
+                   "train_to_first_step_s": spread([s["train_to_first_step_s"] for s in runs])}
+            for kind, runs in starts.items()}
+
+
+def measure_starts(work: Path, repeats: int) -> dict[str, list[dict]]:
+    """Cold and warm starts as the job makes them (exported steps + JAX's compile cache), and with JAX's
+    compile cache alone (Tunix's nnx.jit): what the exported steps (step_cache.py) add. `work` holds start.json."""
+    starts: dict[str, list[dict]] = {kind: [] for kind in ("cold", "warm", "cold_jit_only", "warm_jit_only")}
+    for r in range(repeats):
+        for suffix, more in (("", {}), ("_jit_only", {"compile_cache_only": True})):
+            cache = work / f"start-cache{suffix}-{r}"
+            for kind in (f"cold{suffix}", f"warm{suffix}"):  # the same fresh cache dir: empty, then filled
+                log(f"time to first step: {kind} ({r + 1}/{repeats})")
+                result, started = run_worker(
+                    "train", {"manifest": str(work / "start.json"), "work": str(work / f"start-{kind}-{r}"),
+                              "skip": 1, **more}, start_env(cache))
+                starts[kind].append({"process_to_first_step_s": result["first_step_at"] - started,
+                                     "train_to_first_step_s": result["first_step_at"] - result["train_started_at"]})
+    return starts
 
 
 def bench(quick: bool) -> dict:
@@ -481,8 +537,7 @@ def bench(quick: bool) -> dict:
                                         "training.max_seq_len": plan["max_seq_len"]})
         write_manifest(work, "dense", {"training.steps": plan["dense_steps"], "training.batch_size": 8,
                                        "training.max_seq_len": 128, "training.length_policy": "truncate"})
-        write_manifest(work, "start", {"training.steps": 2, "training.batch_size": 8, "training.max_seq_len": 128,
-                                       "training.length_policy": "truncate"})
+        write_start_manifest(work)
 
         train: dict[str, list[dict]] = {"packed": [], "baseline": [], "dense": []}
         for r in range(plan["train_repeats"]):  # alternate, so load drifts hit both alike
@@ -527,22 +582,12 @@ def bench(quick: bool) -> dict:
         except RuntimeError as err:  # the profiler's format is not a stable API: report, go on
             results["profile"] = str(err).splitlines()[0]
 
-        # Cold and warm starts as the job makes them (exported steps + JAX's compile cache), and with JAX's
-        # compile cache alone (Tunix's nnx.jit): what the exported steps (step_cache.py) add.
-        starts: dict[str, list[dict]] = {kind: [] for kind in ("cold", "warm", "cold_jit_only", "warm_jit_only")}
-        for r in range(plan["start_repeats"]):
-            for suffix, more in (("", {}), ("_jit_only", {"compile_cache_only": True})):
-                cache = work / f"start-cache{suffix}-{r}"
-                for kind in (f"cold{suffix}", f"warm{suffix}"):  # the same fresh cache dir: empty, then filled
-                    log(f"time to first step: {kind} ({r + 1}/{plan['start_repeats']})")
-                    result, started = run_worker(
-                        "train", {"manifest": str(work / "start.json"), "work": str(work / f"start-{kind}-{r}"),
-                                  "skip": 1, **more}, start_env(cache))
-                    starts[kind].append({"process_to_first_step_s": result["first_step_at"] - started,
-                                         "train_to_first_step_s": result["first_step_at"] - result["train_started_at"]})
-        results["starts"] = starts
+        results["starts"] = measure_starts(work, plan["start_repeats"])
 
         log("data pipeline")
+        log("run identity check")
+        results["identity"], _ = run_worker("identity", {"manifest": str(work / "start.json"), "work": str(work / "identity"),
+                                                         "files": 64, "file_mb": 128, "repeats": 5}, env)
         results["data"], _ = run_worker("data", {"manifest": str(work / "packed.json"), "repeats": plan["data_repeats"],
                                                  "gcs": True}, env)
         log(f"data pipeline memory on a {plan['large_file_mb']} MB file")
@@ -606,6 +651,7 @@ def summarize(raw: dict) -> dict:
         "decode_batched_tokens_per_s": med(decode["batched"]["tokens_per_s"]),
         "decode_single_tokens_per_s": med(decode["single"]["tokens_per_s"]),
         "peak_rss_mb": raw["peak_rss_mb"],
+        "identity_check_s": med(raw["identity"]["of_config_s"]) if "identity" in raw else None,
     }
     summary["ratios"] = {
         "packed_vs_baseline_effective_tokens": summary["effective_tokens_per_s"] / summary["baseline_effective_tokens_per_s"],
@@ -702,6 +748,8 @@ def markdown(report: dict) -> str:
          f"{f(s['data_large_rss_growth_mb'], 0)} MB on {f(s['data_large_file_mb'], 0)} MB"),
         ("eval decoding (greedy): batched / one prompt at a time",
          f"{rng(d['decode']['batched']['tokens_per_s'], 0)} / {rng(d['decode']['single']['tokens_per_s'], 0)} tokens/s"),
+        ("run identity check at start (manifest, tokenizer sha256, weights fingerprint of 64 files)",
+         f"{f(s['identity_check_s'] * 1e3, 1)} ms" if s.get("identity_check_s") is not None else "n/a"),
         ("peak RSS (largest worker)", f"{f(s['peak_rss_mb'], 0)} MB"),
     ]
     prof = s.get("dense_step_profile")
@@ -747,6 +795,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smaller, faster run for development")
     parser.add_argument("--out", default=str(ROOT), help="folder for BENCHMARKS.json and BENCHMARKS.md")
+    parser.add_argument("--starts-only", type=int, metavar="N",
+                        help="measure only the time to first step, N repeats; print it, leave BENCHMARKS.* alone")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("worker_args", nargs="?", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -756,6 +806,9 @@ def main() -> int:
         print(json.dumps(result))
         return 0
     sys.path.insert(0, str(ROOT))
+    if args.starts_only:
+        print(json.dumps({"machine": machine(), "starts": starts_only(args.starts_only)}, indent=1))
+        return 0
     started = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -76,3 +76,11 @@ def test_profile_worker_finds_the_steps_dots_in_the_trace(bench):
     assert p["dot_gflop_per_step"] > 0.5 * 6 * 5.7e6 * 2 * 32 / 1e9
     assert p["dot_ms_per_step"] > 0 and p["other_ms_per_step"] > 0 and p["ops_profiled"] > 50
     assert len(p["step_s"]) == 2 and min(p["mlp_matmul_alone_gflops"]) > 0
+
+
+def test_identity_worker_times_the_check_on_a_sharded_checkpoint(bench, tmp_path):
+    bench.write_dataset(tmp_path / "train.jsonl", 50, seed=0, max_len=512)
+    bench.write_start_manifest(tmp_path)
+    result, _ = bench.run_worker("identity", {"manifest": str(tmp_path / "start.json"), "work": str(tmp_path / "id"),
+                                              "files": 4, "file_mb": 1, "repeats": 2})
+    assert len(result["of_config_s"]) == 2 and 0 < min(result["of_config_s"]) < 5 and result["files"] == 4
