@@ -308,14 +308,16 @@ def test_import_posts_the_batch_once(capsys, tmp_path):
         assert stub.requests == 1
         assert [t["prompt"] for t in stub.traces] == [t["prompt"] for t in traces]
         assert [t["meta"]["eval_item_id"] for t in stub.traces] == [t["meta"]["eval_item_id"] for t in traces]
-        assert json.loads(out.splitlines()[-1]) == {"posted": 1, "skipped": 0, "created_count": 5}
+        assert json.loads(out.splitlines()[-1]) == {"posted": 1, "skipped": 0, "created_count": 5,
+                                                    "unknown": 0, "unknown_batches": []}
         assert os.path.exists(os.path.join(run_dir, IMPORT_DIR, POSTED_FILE))
 
         code, out, _ = run(capsys, "import", "--run", run_dir, "--api", stub.url + "/")
         assert code == 0
         assert stub.requests == 1, "a second import must post nothing"
         assert len(stub.traces) == 5
-        assert json.loads(out.splitlines()[-1]) == {"posted": 0, "skipped": 1, "created_count": 0}
+        assert json.loads(out.splitlines()[-1]) == {"posted": 0, "skipped": 1, "created_count": 0,
+                                                    "unknown": 0, "unknown_batches": []}
 
 
 def test_import_of_a_run_without_batches_exits_2(capsys, tmp_path):
@@ -340,7 +342,7 @@ def test_import_stdout_is_only_the_summary(capsys, tmp_path):
     with BackendStub() as stub:
         code, out, _ = run(capsys, "import", "--run", run_dir, "--api", stub.url)
     assert code == 0
-    assert json.loads(out) == {"posted": 1, "skipped": 0, "created_count": 5}
+    assert json.loads(out) == {"posted": 1, "skipped": 0, "created_count": 5, "unknown": 0, "unknown_batches": []}
 
 
 # ------------------------------------------------------------------------------ unexpected errors
