@@ -311,7 +311,7 @@ class _Record:
             self.batches.pop(name, None)
         else:
             self.batches[name] = entry
-        io.write_json(self.uri, logs.redact({"batches": self.batches}))
+        io.write_json(self.uri, {"batches": self.batches})
 
 
 def _read_record(uri: str) -> dict[str, dict]:
@@ -346,12 +346,13 @@ def _send_batch(uri: str, url: str, record: _Record, post: Callable[[bytes, int,
     name = io.basename(uri)
     body, count = _read_batch(uri)
     before = record.batches.get(name)
-    sent = {"traces": count, "api": url, "at": utc_now()}
+    sent = {"traces": count, "api": logs.redact(url), "at": utc_now()}
     record.put(name, {**sent, "state": SENDING})  # a crash from here on leaves it unknown, never resent unasked
     try:
         ids = post(body, count, name)
     except _Unknown as e:
-        entry = {**sent, "state": UNKNOWN, "reason": str(e), "created_count": e.created_count, "trace_ids": e.trace_ids}
+        entry = {**sent, "state": UNKNOWN, "reason": logs.redact(str(e)), "created_count": e.created_count,
+                 "trace_ids": e.trace_ids}
     except JobError:
         record.put(name, before)  # not stored this time: what an earlier send left stands
         raise
