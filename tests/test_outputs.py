@@ -256,11 +256,13 @@ def test_import_retries_503(tmp_path, stub):
 def test_import_gives_up_as_retriable(tmp_path, stub):
     run = tmp_path / "run"
     write_import_batches(str(run), traces(3))
-    stub.fail_next(10, 503)
+    stub.fail_next(3, 503)  # every attempt of the first import
     with pytest.raises(Retriable, match="traces-00001.json"):
         quick(run, stub, retries=2)
     assert stub.requests == 3
     assert recorded(run) == {}  # certainly not stored: the rerun sends it
+    assert quick(run, stub)[0]["posted"] == 1
+    assert len(stub.traces) == 3 and recorded(run)["traces-00001.json"]["state"] == "posted"
 
 
 def test_import_never_resends_a_timed_out_batch_unasked(tmp_path, stub):
