@@ -1,7 +1,8 @@
 """Commands: run, validate, render, score, schema, import. Thin: parse, call, map errors to exit codes.
 
 Exit codes (the contract operators and Kubernetes rely on): 0 success; 2 bad input, never worth a
-retry; 75 retriable (preempted, storage outage): run the same manifest again; 1 anything unexpected.
+retry (or import batches whose outcome is unknown: a person decides); 75 retriable (preempted,
+storage outage, another process holds the lease): run the same command again; 1 anything unexpected.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import traceback
 from collections.abc import Sequence
 
 from job import logs, settings
-from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNEXPECTED, BadInput, JobError
+from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNEXPECTED, BadInput, JobError, UnknownOutcome
 
 VALIDATE_DEFAULT_LIMIT = 10_000
 
@@ -128,8 +129,10 @@ def cmd_import(args) -> int:
 
     if urlparse(args.api).scheme not in ("http", "https") or not urlparse(args.api).netloc:
         raise BadInput(f"--api: {args.api!r} is not an http(s) URL; pass e.g. http://localhost:8000")
-    summary = import_run(args.run, args.api, log=logs.info)
+    summary = import_run(args.run, args.api, resend_unknown=args.resend_unknown, log=logs.info)
     logs.output(summary)
+    if summary["unknown"]:  # a person must look first: rerunning as is would change nothing
+        raise UnknownOutcome(summary["what_to_do"])
     return EXIT_OK
 
 
@@ -161,6 +164,9 @@ def parser() -> argparse.ArgumentParser:
     imp = sub.add_parser("import", help="post a run's eval traces to the tunix-rt backend")
     imp.add_argument("--run", required=True, help="run directory URI")
     imp.add_argument("--api", required=True, help="backend base URL, e.g. http://localhost:8000")
+    imp.add_argument("--resend-unknown", action="store_true",
+                     help="send again the batches whose outcome is unknown (check the backend first: "
+                          "one it stored is stored twice)")
     imp.set_defaults(func=cmd_import)
     return p
 

@@ -1,7 +1,8 @@
 """Errors that end a run, each mapped to the process exit code an operator acts on.
 
-0 done; 2 bad input (fix the manifest or data, never worth a retry); 75 retriable
-(preempted, storage outage: run the same manifest again); 1 anything unexpected.
+0 done; 2 bad input (fix the manifest or data, never worth a retry), or an outcome only a person
+can settle (an import batch that may or may not be stored); 75 retriable (preempted, storage
+outage: run the same manifest again); 1 anything unexpected.
 """
 
 from __future__ import annotations
@@ -20,6 +21,13 @@ class JobError(Exception):
 
 class BadInput(JobError):
     """The manifest or the data is wrong. The message names the place (field path or URI:line) and the fix."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class UnknownOutcome(JobError):
+    """Something was sent whose effect cannot be known from here (an import batch the backend may have
+    stored). Rerunning as is cannot settle it, so it exits like bad input: a person checks and decides."""
 
     exit_code = EXIT_BAD_INPUT
 

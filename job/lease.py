@@ -14,6 +14,9 @@ run it again later) instead of interleaving writes.
   whose renewal finds a different generation has lost the lease and stops.
 - Other schemes (s3://, memory://): no lease; a warning says so.
 
+`tunix-job import` holds a lease of its own, `{run}/import/_LEASE`, so that it neither waits for
+nor blocks a training attempt; its message speaks of the import.
+
 The TTL is `TUNIX_JOB_LEASE_TTL_S` (default 60 s; job/settings.py).
 """
 
@@ -45,17 +48,26 @@ def _holder() -> dict:
             "acquired_at": utc_now()}
 
 
-def _held_message(run_uri: str, info: dict, extra: str) -> str:
+RUN_ACTIVITY = "running this run"
+RUN_ADVICE = "Nothing was written. Run the same manifest again once it has ended: it will resume or find the run done"
+
+
+def _held_message(lease: Lease, info: dict, extra: str) -> str:
     who = f"host {info.get('host', '?')}, pid {info.get('pid', '?')}, since {info.get('acquired_at', '?')}"
-    return (f"{run_uri}: another process is running this run ({who}); {extra}. "
-            "Nothing was written. Run the same manifest again once it has ended: it will resume or find the run done")
+    return f"{lease.run_uri}: another process is {lease.activity} ({who}); {extra}. {lease.advice}"
 
 
 class Lease:
-    """Acquire with `acquire()`, give back with `release()`; `on_lost` is called if it is lost while held."""
+    """Acquire with `acquire()`, give back with `release()`; `on_lost` is called if it is lost while held.
 
-    def __init__(self, run_uri: str, ttl_s: float | None = None, on_lost: Callable[[str], None] | None = None):
+    `activity` and `advice` word the message a second holder gets: what the first one is doing, and
+    what to do about it (the default: a training attempt on the run directory).
+    """
+
+    def __init__(self, run_uri: str, ttl_s: float | None = None, on_lost: Callable[[str], None] | None = None,
+                 *, activity: str = RUN_ACTIVITY, advice: str = RUN_ADVICE):
         self.run_uri = run_uri
+        self.activity, self.advice = activity, advice
         self.uri = io.join(run_uri, LEASE_FILE)
         self.ttl = ttl_s if ttl_s is not None else settings.current().lease_ttl_s
         self.on_lost = on_lost or (lambda reason: None)
@@ -105,7 +117,7 @@ class _LocalLease:
                 except ValueError:
                     info = {}
                 os.close(fd)
-                raise LeaseHeld(_held_message(self.lease.run_uri, info, f"its lock on {self.path} is held")) from None
+                raise LeaseHeld(_held_message(self.lease, info, f"its lock on {self.path} is held")) from None
             # The holder before us may have removed the file between our open and our lock: then
             # we locked a file nobody else will see; start again on the one that is there.
             try:
@@ -195,7 +207,7 @@ class _GcsLease:
                 continue  # released just now: try to create it again
             generation, info, age = seen
             if waited:
-                raise LeaseHeld(_held_message(self.lease.run_uri, info, "its lease is being renewed"))
+                raise LeaseHeld(_held_message(self.lease, info, "its lease is being renewed"))
             ttl = float(info.get("ttl_s") or self.lease.ttl)
             if age < ttl:
                 # Wait out the holder's TTL: a live holder renews within it, a dead one does not.
@@ -207,14 +219,14 @@ class _GcsLease:
                 if again is None:
                     continue
                 if again[0] != generation:
-                    raise LeaseHeld(_held_message(self.lease.run_uri, again[1], "its lease is being renewed"))
+                    raise LeaseHeld(_held_message(self.lease, again[1], "its lease is being renewed"))
             try:
                 self._call("take over the lease", lambda: self._write(generation))
                 logs.warning("took over an expired lease (its holder stopped renewing it)", lease=self.lease.uri,
                              previous_host=info.get("host"), previous_pid=info.get("pid"))
                 break
             except self.errors.PreconditionFailed:
-                raise LeaseHeld(_held_message(self.lease.run_uri, info, "another process took the lease over first")) from None
+                raise LeaseHeld(_held_message(self.lease, info, "another process took the lease over first")) from None
         self.renewer = threading.Thread(target=self._renew, name="lease-renewal", daemon=True)
         self.renewer.start()
 

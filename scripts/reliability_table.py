@@ -4,7 +4,8 @@
     python scripts/reliability_table.py --check  # exit 1 when README.md differs (tests/test_hostile.py runs this)
 
 The tables are the data the tests run on: tests/test_hostile.py (CASES), tests/test_resume.py
-(KILL_TABLE) and tests/test_faults.py (FAULT_TABLE).
+(KILL_TABLE) and tests/test_faults.py (FAULT_TABLE); tests/test_import.py's IMPORT_TABLE names,
+for each row, the test that tries it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ def render() -> str:
     sys.path.insert(0, str(ROOT))
     from test_faults import FAULT_TABLE
     from test_hostile import CASES
+    from test_import import IMPORT_TABLE
     from test_resume import KILL_TABLE
 
     lines = [START, "", "**Killed, then started again** (tests/test_resume.py): after each kill the same manifest is rerun;",
@@ -45,6 +47,11 @@ def render() -> str:
               "| input | outcome | the message says |", "|---|---|---|"]
     shown = {"error": "exit 2", "reject": "record rejected", "accept": "accepted"}
     lines += [f"| {c.area}: {_cell(c.what)} | {shown[c.outcome]} | {_cell(c.says) if c.says else '-'} |" for c in CASES]
+    lines += ["", "**Import answers** (tests/test_import.py, against the backend stub; hypothesis draws the answers "
+              "of each class): each batch lands exactly once, or is named as unknown.", "",
+              "| answer | tried | outcome | test |", "|---|---|---|---|"]
+    lines += [f"| {_cell(a)} | {_cell(t)} | {_cell(o)} | `{test if '::' in test else 'test_import.py::' + test}` |"
+              for a, t, o, test in IMPORT_TABLE]
     lines += ["", END]
     return "\n".join(lines)
 

@@ -2,13 +2,17 @@
 
 Threaded http.server on 127.0.0.1 (a free port). Checks run in the backend's order: the body is
 validated as a list of ReasoningTrace first (422, FastAPI-style, nothing stored), then the
-endpoint's own checks (400 for an empty batch or more than 1,000 traces), then 201. Tests can make
-the next requests fail with a status (503) or answer late (to trigger client timeouts).
+endpoint's own checks (400 for an empty batch or more than 1,000 traces), then 201. Tests can script
+how the next requests are answered (`Answer`): late, with any status, headers and body, after
+storing the batch or not, or not at all (the connection closed or reset once the request was read).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -23,13 +27,30 @@ from job.outputs import MAX_BATCH, import_batch_files
 BATCH_PATH = "/api/traces/batch"
 
 
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """How the stub answers one batch request, read whole first: wait `delay_s`; store the batch as the
+    backend would when `store` (or `as_backend`); then send the backend's own answer (`as_backend`), or
+    `status` with `headers` and `body` (a Content-Length header given here is sent as is), or, with no
+    status, `body` as the whole answer (empty: nothing at all); then close the connection, with a TCP
+    reset when `reset`."""
+
+    status: int | None = None
+    body: bytes = b""
+    headers: tuple[tuple[str, str], ...] = ()
+    store: bool = False
+    as_backend: bool = False
+    delay_s: float = 0.0
+    reset: bool = False
+
+
 class BackendStub:
     def __init__(self) -> None:
         self.traces: list[dict] = []  # every accepted trace, as the backend would store it
         self.requests = 0  # POSTs to the batch endpoint, answered or not
+        self.elsewhere: list[str] = []  # "METHOD /path" of every other request (a followed redirect)
         self._lock = threading.Lock()
-        self._failures: list[int] = []
-        self._delays: list[float] = []
+        self._answers: list[Answer] = []
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         # A short poll interval: shutdown() waits for the serving loop to notice it (default 0.5 s).
@@ -54,22 +75,23 @@ class BackendStub:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def answer_next(self, *answers: Answer) -> None:
+        """Answer the next batch requests so, one each; later ones as the backend would."""
+        with self._lock:
+            self._answers += answers
+
     def fail_next(self, n: int, status: int = 503) -> None:
         """Answer the next n batch requests with `status` and store nothing."""
-        with self._lock:
-            self._failures += [status] * n
+        self.answer_next(*[Answer(status, json.dumps({"detail": "Service Unavailable"}).encode())] * n)
 
     def delay_next(self, n: int, seconds: float) -> None:
         """Wait `seconds` before handling each of the next n requests (which are then handled normally)."""
-        with self._lock:
-            self._delays += [seconds] * n
+        self.answer_next(*[Answer(as_backend=True, delay_s=seconds)] * n)
 
-    def _take(self) -> tuple[float, int | None]:
+    def _take(self) -> Answer:
         with self._lock:
             self.requests += 1
-            delay = self._delays.pop(0) if self._delays else 0.0
-            failure = self._failures.pop(0) if self._failures else None
-        return delay, failure
+            return self._answers.pop(0) if self._answers else Answer(as_backend=True)
 
     def _handle_batch(self, raw: bytes) -> tuple[int, dict]:
         try:
@@ -111,28 +133,45 @@ class BackendStub:
                 pass
 
             def _send(self, status: int, payload: dict) -> None:
-                data = json.dumps(payload).encode()
+                self._send_raw(status, (("Content-Type", "application/json"),), json.dumps(payload).encode())
+
+            def _send_raw(self, status: int, headers: tuple[tuple[str, str], ...], body: bytes) -> None:
                 try:
                     self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
+                    for name, value in headers:
+                        self.send_header(name, value)
+                    if not any(name.lower() == "content-length" for name, _ in headers):
+                        self.send_header("Content-Length", str(len(body)))
                     self.end_headers()
-                    self.wfile.write(data)
+                    self.wfile.write(body)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timed out) before the answer
+
+            def _answer(self, answer: Answer, raw: bytes) -> None:
+                time.sleep(answer.delay_s)
+                stored = stub._handle_batch(raw) if answer.store or answer.as_backend else None
+                if answer.as_backend:
+                    self._send(*stored)
+                elif answer.status is not None:
+                    self._send_raw(answer.status, answer.headers, answer.body)
+                elif answer.body:
+                    self.wfile.write(answer.body)
+                self.close_connection = True
+                if answer.reset:  # linger 0: close() sends a TCP reset
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
 
             def do_POST(self) -> None:
                 raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 if self.path != BATCH_PATH:
-                    self._send(404, {"detail": "Not Found"})
+                    self.do_GET()
                     return
-                delay, failure = stub._take()
-                if delay:
-                    time.sleep(delay)
-                if failure is not None:
-                    self._send(failure, {"detail": "Service Unavailable"})
-                    return
-                self._send(*stub._handle_batch(raw))
+                self._answer(stub._take(), raw)
+
+            def do_GET(self) -> None:
+                with stub._lock:
+                    stub.elsewhere.append(f"{self.command} {self.path}")
+                self._send(404, {"detail": "Not Found"})
 
         return Handler
 

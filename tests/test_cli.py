@@ -7,11 +7,12 @@ import json
 import os
 
 import pytest
-from backend_stub import BackendStub, write_import_batches
+from backend_stub import Answer, BackendStub, write_import_batches
 
 import job.manifest
 from job import cli
 from job.formats import EvalItem
+from job.lease import Lease
 from job.manifest import derive_run_id, load_manifest, parse_manifest
 from job.outputs import IMPORT_DIR, POSTED_FILE, eval_trace
 from job.score import ItemResult, score_output
@@ -308,14 +309,16 @@ def test_import_posts_the_batch_once(capsys, tmp_path):
         assert stub.requests == 1
         assert [t["prompt"] for t in stub.traces] == [t["prompt"] for t in traces]
         assert [t["meta"]["eval_item_id"] for t in stub.traces] == [t["meta"]["eval_item_id"] for t in traces]
-        assert json.loads(out.splitlines()[-1]) == {"posted": 1, "skipped": 0, "created_count": 5}
+        assert json.loads(out.splitlines()[-1]) == {"posted": 1, "skipped": 0, "created_count": 5,
+                                                    "unknown": 0, "unknown_batches": []}
         assert os.path.exists(os.path.join(run_dir, IMPORT_DIR, POSTED_FILE))
 
         code, out, _ = run(capsys, "import", "--run", run_dir, "--api", stub.url + "/")
         assert code == 0
         assert stub.requests == 1, "a second import must post nothing"
         assert len(stub.traces) == 5
-        assert json.loads(out.splitlines()[-1]) == {"posted": 0, "skipped": 1, "created_count": 0}
+        assert json.loads(out.splitlines()[-1]) == {"posted": 0, "skipped": 1, "created_count": 0,
+                                                    "unknown": 0, "unknown_batches": []}
 
 
 def test_import_of_a_run_without_batches_exits_2(capsys, tmp_path):
@@ -340,7 +343,46 @@ def test_import_stdout_is_only_the_summary(capsys, tmp_path):
     with BackendStub() as stub:
         code, out, _ = run(capsys, "import", "--run", run_dir, "--api", stub.url)
     assert code == 0
-    assert json.loads(out) == {"posted": 1, "skipped": 0, "created_count": 5}
+    assert json.loads(out) == {"posted": 1, "skipped": 0, "created_count": 5, "unknown": 0, "unknown_batches": []}
+
+
+def test_import_reports_unknown_batches_until_told_to_resend_them(capsys, tmp_path):
+    run_dir, _ = _run_dir_with_traces(tmp_path)
+    with BackendStub() as stub:
+        stub.answer_next(Answer(200, b"<html>Sign in</html>", (("Content-Type", "text/html"),), store=True))
+        code, out, logs = run(capsys, "import", "--run", run_dir, "--api", stub.url)
+        assert code == 2
+        summary = json.loads(out)
+        assert summary["unknown"] == 1 and summary["unknown_batches"] == ["traces-00001.json"]
+        assert "--resend-unknown" in summary["what_to_do"]
+        assert "traces-00001.json" in errors(logs) and "--resend-unknown" in errors(logs)
+
+        code, out, _ = run(capsys, "import", "--run", run_dir, "--api", stub.url)
+        assert code == 2 and stub.requests == 1, "a rerun does not send an unknown batch again"
+        assert json.loads(out)["unknown_batches"] == ["traces-00001.json"]
+
+        code, out, _ = run(capsys, "import", "--run", run_dir, "--api", stub.url, "--resend-unknown")
+        assert code == 0 and stub.requests == 2
+        assert json.loads(out) == {"posted": 1, "skipped": 0, "created_count": 5, "unknown": 0, "unknown_batches": []}
+        assert len(stub.traces) == 10  # the user's choice: the backend had stored it already
+
+
+def test_import_answered_a_redirect_exits_2(capsys, tmp_path):
+    run_dir, _ = _run_dir_with_traces(tmp_path)
+    with BackendStub() as stub:
+        stub.answer_next(Answer(302, b"", (("Location", "/login?next=/api/traces/batch"),)))
+        code, out, logs = run(capsys, "import", "--run", run_dir, "--api", stub.url)
+        assert code == 2 and out == ""
+        assert f"the API answered a redirect to {stub.url}/login?next=/api/traces/batch" in errors(logs)
+        assert stub.requests == 1 and stub.elsewhere == [] and stub.traces == []
+
+
+def test_a_second_import_of_a_run_exits_75(capsys, tmp_path):
+    run_dir, _ = _run_dir_with_traces(tmp_path)
+    with BackendStub() as stub, Lease(os.path.join(run_dir, IMPORT_DIR)):
+        code, _, logs = run(capsys, "import", "--run", run_dir, "--api", stub.url)
+        assert code == 75 and stub.requests == 0
+    assert "another process is importing this run's batches" in errors(logs)
 
 
 # ------------------------------------------------------------------------------ unexpected errors

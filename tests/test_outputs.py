@@ -192,6 +192,12 @@ def quick(run, stub, **kw):
     return import_run(str(run), stub.url, **kw), messages
 
 
+def recorded(run) -> dict:
+    """import/posted.json's entry for each batch, by file name."""
+    path = run / "import" / "posted.json"
+    return json.loads(path.read_text())["batches"] if path.exists() else {}
+
+
 def post(url: str, body: object) -> tuple[int, dict]:
     request = urllib.request.Request(url + "/api/traces/batch", data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json"})
@@ -224,15 +230,16 @@ def test_import_posts_every_batch_once(tmp_path, stub):
     assert [u.rsplit("/", 1)[1] for u in uris] == ["traces-00001.json", "traces-00002.json", "traces-00003.json"]
 
     summary, _ = quick(run, stub)
-    assert summary == {"posted": 3, "skipped": 0, "created_count": 2500}
+    assert summary == {"posted": 3, "skipped": 0, "created_count": 2500, "unknown": 0, "unknown_batches": []}
     assert len(stub.traces) == 2500 and stub.requests == 3
-    posted = json.loads((run / "import" / "posted.json").read_text())["posted"]
+    posted = recorded(run)
     assert sorted(posted) == ["traces-00001.json", "traces-00002.json", "traces-00003.json"]
+    assert {e["state"] for e in posted.values()} == {"posted"}
     assert posted["traces-00003.json"]["created_count"] == 500
-    assert len(posted["traces-00003.json"]["trace_ids"]) == 500
+    assert posted["traces-00003.json"]["trace_ids"] == [t["id"] for t in stub.traces[2000:]]
 
     summary, _ = quick(run, stub)  # a rerun stores nothing twice
-    assert summary == {"posted": 0, "skipped": 3, "created_count": 0}
+    assert summary == {"posted": 0, "skipped": 3, "created_count": 0, "unknown": 0, "unknown_batches": []}
     assert len(stub.traces) == 2500 and stub.requests == 3
 
 
@@ -249,21 +256,25 @@ def test_import_retries_503(tmp_path, stub):
 def test_import_gives_up_as_retriable(tmp_path, stub):
     run = tmp_path / "run"
     write_import_batches(str(run), traces(3))
-    stub.fail_next(10, 503)
+    stub.fail_next(3, 503)  # every attempt of the first import
     with pytest.raises(Retriable, match="traces-00001.json"):
         quick(run, stub, retries=2)
     assert stub.requests == 3
-    assert not (run / "import" / "posted.json").exists()
+    assert recorded(run) == {}  # certainly not stored: the rerun sends it
+    assert quick(run, stub)[0]["posted"] == 1
+    assert len(stub.traces) == 3 and recorded(run)["traces-00001.json"]["state"] == "posted"
 
 
-def test_import_retries_a_timeout_and_warns_of_duplicates(tmp_path, stub):
+def test_import_never_resends_a_timed_out_batch_unasked(tmp_path, stub):
     run = tmp_path / "run"
     write_import_batches(str(run), traces(2))
-    stub.delay_next(1, 1.0)
+    stub.delay_next(1, 1.0)  # stored after the client gave up
     summary, messages = quick(run, stub, timeout=0.3)
-    assert summary["posted"] == 1
-    assert stub.requests == 2
-    assert any("timed out" in m and "idempotency" in m for m in messages)
+    assert summary["posted"] == 0 and summary["unknown_batches"] == ["traces-00001.json"]
+    assert "--resend-unknown" in summary["what_to_do"] and "idempotency" in summary["what_to_do"]
+    assert stub.requests == 1
+    assert recorded(run)["traces-00001.json"]["state"] == "unknown"
+    assert any("no answer came within 0.3 s" in m for m in messages)
 
 
 def test_import_connection_refused_is_retriable(tmp_path):
@@ -271,7 +282,7 @@ def test_import_connection_refused_is_retriable(tmp_path):
     write_import_batches(str(run), traces(1))
     with BackendStub() as gone:
         url = gone.url
-    with pytest.raises(Retriable, match="connection failed"):
+    with pytest.raises(Retriable, match="Connection refused"):
         import_run(str(run), url, timeout=1, retries=1, backoff=0.01, log=lambda m: None)
 
 
@@ -290,7 +301,7 @@ def test_import_stops_on_422_with_the_detail(tmp_path, stub):
     assert "422" in str(err.value) and "body.0.steps" in str(err.value) and "at least 1 item" in str(err.value)
     posted_file = run / "import" / "posted.json"
     before = posted_file.read_bytes()
-    assert sorted(json.loads(before)["posted"]) == ["traces-00001.json", "traces-00002.json"]
+    assert sorted(recorded(run)) == ["traces-00001.json", "traces-00002.json"]
 
     with pytest.raises(BadInput):
         quick_run()
