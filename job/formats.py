@@ -11,11 +11,11 @@ and never touches storage. `read_examples` and `read_eval_items` add the streami
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from job import strict_json
 from job.errors import BadInput
 
 START_OF_TURN = "<start_of_turn>"
@@ -384,11 +384,9 @@ def _decode(data: bytes) -> dict:
     except UnicodeDecodeError as e:
         raise _Invalid(f"invalid UTF-8 at byte {e.start + 1} ({e.reason}); save the file as UTF-8") from None
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _Invalid(f"invalid JSON: {e.msg} (column {e.colno})") from None
-    except RecursionError:  # a hostile "[[[[...": Python's parser recurses per level
-        raise _Invalid("nested too deeply to be a record") from None
+        value = strict_json.loads(text)
+    except strict_json.JSONError as e:  # a syntax error has a column; the others name their place
+        raise _Invalid(f"invalid JSON: {e.reason} (column {e.column})" if e.column else e.reason) from None
     if isinstance(value, list):
         raise _Invalid("a JSON array, not a JSONL object; write one object per line")
     if not isinstance(value, dict):

@@ -37,7 +37,7 @@ from typing import Any
 import fsspec
 import fsspec.asyn
 
-from job import logs, settings
+from job import logs, settings, strict_json
 from job.errors import BadInput, JobError, Retriable
 
 # Object-store reads: a readahead cache fetches whole blocks in order (the default "adaptive"
@@ -307,14 +307,14 @@ def read_text(uri: str) -> str:
 
 
 def read_json(uri: str) -> Any:
-    """The object parsed as JSON; a syntax error names URI:line:column."""
+    """The object parsed as strict JSON (job/strict_json.py); a syntax error names URI:line:column."""
     text = read_text(uri)
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BadInput(f"{uri}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from e
-    except RecursionError:
-        raise BadInput(f"{uri}: nested too deeply to be read; write a flatter JSON document") from None
+        return strict_json.loads(text)
+    except strict_json.JSONError as e:
+        if e.line is not None:
+            raise BadInput(f"{uri}:{e.line}:{e.column}: not valid JSON ({e.reason})") from None
+        raise BadInput(f"{uri}: {e.reason}") from None
 
 
 def exists(uri: str) -> bool:

@@ -25,7 +25,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from job import io
+from job import io, strict_json
 from job.errors import BadInput
 from job.formats import DETECT_WINDOW, FORMATS
 from job.template import DEFAULT_RECIPE, RECIPES
@@ -352,18 +352,25 @@ def _drop_comments(value: Any) -> Any:
     return value
 
 
+def _override_value(key: str, raw: str) -> Any:
+    """The JSON value of `raw`, or `raw` itself when it is not JSON (a bare string)."""
+    try:
+        return strict_json.loads(raw)
+    except strict_json.JSONError as e:
+        if e.line is not None:  # a syntax error: not meant as JSON
+            return raw
+        raise BadInput(f"--set {key}: {e.reason}") from None
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """A copy of data with each "a.b.c=value" applied; value is JSON when it parses, else a string."""
     result = copy.deepcopy(data)
     for override in overrides:
         key, sep, raw = override.partition("=")
         parts = key.strip().split(".")
-        if not sep or not all(parts):
+        if not sep or not all(parts) or not key.isprintable():
             raise BadInput(f"override {override!r}: expected field.path=value, e.g. training.steps=200")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
+        value = _override_value(key.strip(), raw)
         node = result
         for depth, part in enumerate(parts[:-1]):
             if node.get(part) is None:

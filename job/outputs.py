@@ -10,14 +10,13 @@ skips what was already stored.
 from __future__ import annotations
 
 import http.client
-import json
 import socket
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-from job import io
+from job import io, strict_json
 from job.provenance import utc_now
 from job.errors import BadInput, Retriable
 from job.formats import MAX_STEP_CONTENT, MAX_STEPS, MAX_TEXT
@@ -152,7 +151,7 @@ class _Transient(Exception):
 def _detail(body: bytes) -> str:
     """The server's `detail`, readable: a string as is, FastAPI's error list as "loc: msg" items."""
     try:
-        detail = json.loads(body.decode("utf-8", errors="replace")).get("detail")
+        detail = strict_json.loads(body.decode("utf-8", errors="replace")).get("detail")
     except (ValueError, AttributeError):
         return body.decode("utf-8", errors="replace")[:2000]
     if isinstance(detail, list):
@@ -184,8 +183,8 @@ def _post(url: str, body: bytes, timeout: float) -> dict:
             raise _Transient(f"timed out after {timeout} s") from e
         raise _Transient(f"connection failed ({reason})") from e
     try:
-        return json.loads(payload)
-    except ValueError:
+        return strict_json.loads(payload.decode("utf-8"))
+    except ValueError:  # not UTF-8, not JSON
         return {}  # stored, but the answer was unreadable: still recorded as posted
 
 
@@ -220,8 +219,8 @@ def import_run(
             continue
         body = io.read_bytes(uri)
         try:
-            batch = json.loads(body)
-        except ValueError as e:
+            batch = strict_json.loads(body.decode("utf-8"))
+        except ValueError as e:  # not UTF-8, not JSON
             raise BadInput(f"{uri}: not valid JSON ({e}); write the batch files again") from e
         if not isinstance(batch, list) or not batch:
             raise BadInput(f"{uri}: expected a non-empty JSON array of traces; write the batch files again")

@@ -392,6 +392,35 @@ def test_reject_raw_is_capped():
     assert reject.raw.endswith("x...[truncated]")
 
 
+# JSON that Python's json module reads and the job cannot use: each line is a reject naming why.
+HOSTILE_JSON = [
+    ('{"prompt": "a", "completion": "b", "prompt": "c"}', "duplicate key 'prompt'"),
+    ('{"prompt": "a", "completion": ' + "7" * 5000 + "}", "completion: a number of 5,000 characters"),
+    ('{"prompt": "a", "completion": "b", "id": ' + "1" * 4301 + "}", "id: a number of 4,301 characters"),
+    ('{"prompt": "a", "completion": 1e999}', "completion: the number 1e999 is beyond the range of a float"),
+    ('{"prompt": "a", "completion": NaN}', "completion: NaN is not a JSON number"),
+    ('{"prompt": "\\ud800", "completion": "b"}', "prompt: a string holds a lone UTF-16 surrogate (\\ud800)"),
+    ('{"prompt": "a", "completion": "b", "meta": {"\\udfff": 1}}', "meta: a key holds a lone UTF-16 surrogate"),
+    ('{"prompt": "a", "completion": "b", "meta": ' + "[" * 100 + "]" * 100 + "}", "nested too deeply"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+]
+
+
+@pytest.mark.parametrize(("line", "reason"), HOSTILE_JSON, ids=[f"hostile-{k}" for k in range(len(HOSTILE_JSON))])
+def test_json_the_job_cannot_use_is_a_reject_naming_why(line, reason):
+    records = parse(dumps(PROMPT_COMPLETION), line, dumps(PROMPT_COMPLETION), fmt="prompt_completion")
+    assert [(type(r), r.line) for r in records] == [(Example, 1), (Reject, 2), (Example, 3)]
+    assert reason in records[1].reason
+
+
+@pytest.mark.parametrize(("line", "reason"), HOSTILE_JSON, ids=[f"hostile-{k}" for k in range(len(HOSTILE_JSON))])
+def test_json_the_job_cannot_use_in_an_eval_line_is_bad_input(line, reason):
+    line = line.replace('"completion"', '"expected_answer"')
+    with pytest.raises(BadInput) as e:
+        parse_eval_lines(numbered(EVAL_LINES[0], line), URI)
+    assert str(e.value).startswith(f"{URI}:2: ") and reason.replace("completion", "expected_answer") in str(e.value)
+
+
 # --- BOM, blank lines, limit -----------------------------------------------------------------
 
 

@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from job import io
 from job.errors import BadInput
@@ -284,3 +286,86 @@ EXAMPLES = sorted(p for p in (Path(__file__).resolve().parent.parent / "manifest
 def test_every_example_manifest_is_valid(path):
     m = load_manifest(str(path))
     assert m.output.uri and m.dataset.uri and m.eval.uri
+
+
+# ------------------------------------------------------------------------------- reading strictly
+
+# (manifest text, a piece of the message): the manifest file itself read strictly.
+BAD_MANIFEST_TEXT = [
+    ('{"dataset": {"uri": "a"}, "dataset": {"uri": "b"}}', "duplicate key 'dataset'"),
+    ('{"training": {"steps": 5, "steps": 6}}', "duplicate key 'training.steps'"),
+    ('{"training": {"steps": ' + "1" * 5000 + "}}", "training.steps: a number of 5,000 characters"),
+    ('{"training": {"learning_rate": 1e999}}', "training.learning_rate: the number 1e999 is beyond the range"),
+    ('{"training": {"learning_rate": NaN}}', "training.learning_rate: NaN is not a JSON number"),
+    ('{"run_id": "\\ud800"}', "run_id: a string holds a lone UTF-16 surrogate"),
+    ('{"x": ' + "[" * 100 + "]" * 100 + "}", "nested too deeply"),
+]
+
+
+@pytest.mark.parametrize(("text", "says"), BAD_MANIFEST_TEXT, ids=[f"text-{k}" for k in range(len(BAD_MANIFEST_TEXT))])
+def test_the_manifest_file_is_read_strictly(tmp_path, text, says):
+    path = tmp_path / "m.json"
+    path.write_text(text)
+    with pytest.raises(BadInput) as caught:
+        load_manifest(str(path))
+    assert str(caught.value).startswith(f"{path}: ") and says in str(caught.value)
+
+
+def test_repeated_comment_keys_are_comments(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text('{"//": "one", "//": "two", ' + json.dumps(minimal())[1:])
+    assert load_manifest(str(path)).dataset.uri == "gs://b/train.jsonl"
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("training.steps=" + "9" * 5000, "--set training.steps: a number of 5,000 characters"),
+        ("training.learning_rate=1e999", "--set training.learning_rate: the number 1e999 is beyond the range"),
+        ("training.learning_rate=NaN", "--set training.learning_rate: NaN is not a JSON number"),
+        ('training.lora={"rank": 2, "rank": 4}', "--set training.lora: duplicate key 'rank'"),
+        ('run_id="\\ud800"', "--set run_id: a string holds a lone UTF-16 surrogate"),
+        ("run_id=a\udcffb", "--set run_id: the text holds a lone UTF-16 surrogate (\\udcff)"),  # argv not UTF-8
+        ("template.system_instruction=" + "[" * 100_000, "--set template.system_instruction: nested too deeply"),
+        ("trai\udcffning.steps=1", "override 'trai\\udcffning.steps=1': expected field.path=value"),
+    ],
+)
+def test_set_values_are_read_strictly(override, says):
+    with pytest.raises(BadInput) as caught:
+        parse_manifest(minimal(), overrides=[override])
+    assert says in str(caught.value)
+
+
+# --------------------------------------------------------------------------------- properties
+
+HOSTILE_VALUES = st.sampled_from(["9" * 5000, "1e999", "NaN", "-Infinity", '"\\ud800"', "[" * 3000 + "]" * 3000,
+                                  '{"a": 1, "a": 2}', "0." + "1" * 500, "10" + "0" * 99])
+VALUE_TEXT = st.one_of(HOSTILE_VALUES, st.text(max_size=30),
+                       st.recursive(st.integers() | st.floats() | st.text(max_size=8) | st.none(),
+                                    lambda inner: st.lists(inner, max_size=3), max_leaves=6).map(json.dumps))
+FIELDS = st.sampled_from(["training.steps", "training.learning_rate", "eval.batch_size", "dataset.holdout",
+                          "template.step_instruction", "run_id", "training.lora", "training.mesh.tp", "seed"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(FIELDS, VALUE_TEXT)
+def test_any_set_value_gives_a_manifest_or_a_bad_input_naming_the_field(field, text):
+    try:
+        m = parse_manifest(minimal(), overrides=[f"{field}={text}"])
+    except BadInput as e:
+        assert field in str(e) or field.rsplit(".", 1)[0] in str(e), str(e)
+    else:
+        json.dumps(m.model_dump(mode="json")).encode("utf-8")
+
+
+@settings(max_examples=100, deadline=None)
+@given(FIELDS, VALUE_TEXT)
+def test_any_value_in_a_manifest_file_gives_a_manifest_or_a_bad_input(tmp_path_factory, field, text):
+    path = tmp_path_factory.mktemp("m") / "m.json"
+    section, _, name = field.partition(".")
+    body = f'"{section}": {text}' if not name else f'"{section}": {{"{name.split(".")[0]}": {text}}}'
+    path.write_text("{" + json.dumps(minimal())[1:-1] + ", " + body + "}", encoding="utf-8", errors="surrogatepass")
+    try:
+        assert isinstance(load_manifest(str(path)), Manifest)
+    except BadInput as e:
+        assert str(e).startswith(str(path))
