@@ -3,7 +3,7 @@
 One small function per input shape turns a parsed JSON object into the common Example record
 (a conversation of turns). A line that does not fit becomes a Reject that says why, so a run can
 report bad lines instead of training on them. The eval-set reader is strict instead: the eval set
-is fixed, so any bad line is a BadInput.
+is fixed, so any bad line is a BadInput; so is the reader of predictions to score against it.
 
 The core (`parse_lines`, `parse_eval_lines`, `parse_gemma_turns`) is pure: it takes numbered lines
 and never touches storage. `read_examples` and `read_eval_items` add the streaming from a URI.
@@ -136,13 +136,25 @@ def _text(obj: dict, field: str, name: str | None = None, max_len: int | None = 
     return _check_text(obj[field], name, max_len)
 
 
+def id_text(value: Any) -> str | None:
+    """An id as ids are compared: a string as it is, a whole number as its digits (7 is "7"); else None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
 def _record_id(value: Any, n: int) -> str:
     """The record's id; records without one are named by their line."""
     if value is None or value == "":
         return f"line-{n}"
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
+    text = id_text(value)
+    if text is None:
         raise _Invalid(f"field 'id' must be a string, not {_json_type(value)}")
-    return str(value)
+    return text
+
+
 
 
 def _object(obj: dict, field: str) -> dict:
@@ -548,3 +560,35 @@ def read_eval_items(uri: str, limit: int | None = None, digest: Any = None) -> l
     from job import io
 
     return parse_eval_lines(io.iter_lines(uri, digest), uri, limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions to score against an eval set
+
+
+def _prediction(obj: dict) -> dict[str, str]:
+    prediction_id = id_text(obj.get("id"))
+    if prediction_id is None:
+        raise _Invalid(f"field 'id' must be a string or a whole number, not {_json_type(obj.get('id'))}")
+    if not isinstance(obj.get("output"), str):
+        raise _Invalid(f"field 'output' must be a string, not {_json_type(obj.get('output'))}")
+    return {"id": prediction_id, "output": obj["output"]}
+
+
+def parse_prediction_lines(lines: Iterable[tuple[int, bytes]], uri: str) -> list[dict[str, str]]:
+    """Predictions {"id", "output"} from numbered JSONL lines; a bad line is a BadInput naming it.
+    Ids compare as eval ids do: 7 names the eval item "7"."""
+    predictions = []
+    for n, data in _records(lines, None):
+        try:
+            predictions.append(_prediction(_decode(data)))
+        except _Invalid as e:
+            raise BadInput(f"{uri}:{n}: {e}; write one {{\"id\", \"output\"}} object per line") from None
+    return predictions
+
+
+def read_predictions(uri: str) -> list[dict[str, str]]:
+    """Read predictions from a URI (local path, gs://, .gz)."""
+    from job import io
+
+    return parse_prediction_lines(io.iter_lines(uri), uri)

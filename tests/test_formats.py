@@ -18,6 +18,7 @@ from job.formats import (
     parse_eval_lines,
     parse_gemma_turns,
     parse_lines,
+    parse_prediction_lines,
 )
 from backend_samples import TRACE_LINE, TUNIX_SFT_LINE, UNGAR_TRACE
 
@@ -512,6 +513,37 @@ def test_any_bad_eval_line_is_bad_input(bad_line, message):
 def test_an_empty_eval_set_is_bad_input():
     with pytest.raises(BadInput, match=f"^{URI} has no eval items"):
         parse_eval_lines(numbered("", " "), URI)
+
+
+# --- predictions -----------------------------------------------------------------------------
+
+
+def test_predictions_are_typed_where_read_and_numeric_ids_are_eval_ids():
+    lines = numbered(b"\xef\xbb\xbf" + b'{"id": "eval-001", "output": "Answer: 42"}', "",
+                     '{"id": 7, "output": ""}', '{"id": "8", "output": "x", "extra": 1}')
+    assert parse_prediction_lines(lines, URI) == [
+        {"id": "eval-001", "output": "Answer: 42"}, {"id": "7", "output": ""}, {"id": "8", "output": "x"}]
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "message"),
+    [
+        ("{oops", "invalid JSON: Expecting property name"),
+        ('[{"id": "a", "output": "b"}]', "a JSON array, not a JSONL object"),
+        ('{"output": "b"}', "field 'id' must be a string or a whole number, not null"),
+        ('{"id": true, "output": "b"}', "field 'id' must be a string or a whole number, not a boolean"),
+        ('{"id": 7.5, "output": "b"}', "field 'id' must be a string or a whole number, not a number"),
+        ('{"id": "a", "output": 42}', "field 'output' must be a string, not a number"),
+        ('{"id": "a", "output": "b", "output": "c"}', "duplicate key 'output'"),
+        ('{"id": ' + "9" * 5000 + ', "output": "b"}', "id: a number of 5,000 characters"),
+        ('{"id": "a", "output": "\\udc00"}', "output: a string holds a lone UTF-16 surrogate"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ],
+)
+def test_a_bad_prediction_line_is_bad_input_naming_it(bad_line, message):
+    with pytest.raises(BadInput) as e:
+        parse_prediction_lines(numbered('{"id": "a", "output": "b"}', bad_line), URI)
+    assert str(e.value).startswith(f"{URI}:2: ") and message in str(e.value)
 
 
 # --- reading from storage (needs job.io) -----------------------------------------------------
