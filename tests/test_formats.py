@@ -20,6 +20,7 @@ from job.formats import (
     parse_lines,
     parse_prediction_lines,
 )
+from job.io import LongLine
 from backend_samples import TRACE_LINE, TUNIX_SFT_LINE, UNGAR_TRACE
 
 URI = "gs://bucket/data.jsonl"
@@ -420,6 +421,16 @@ def test_json_the_job_cannot_use_in_an_eval_line_is_bad_input(line, reason):
     with pytest.raises(BadInput) as e:
         parse_eval_lines(numbered(EVAL_LINES[0], line), URI)
     assert str(e.value).startswith(f"{URI}:2: ") and reason.replace("completion", "expected_answer") in str(e.value)
+
+
+def test_a_long_line_from_the_reader_is_a_reject_with_its_start_and_size():
+    head = b'{"prompt": "' + b"x" * 20_000
+    records = list(parse_lines([(1, LongLine(head, 9 * 2**20)), (2, dumps(PROMPT_COMPLETION).encode())], URI))
+    assert [(type(r), r.line) for r in records] == [(Reject, 1), (Example, 2)]
+    assert records[0].reason.startswith(f"the line is {9 * 2**20:,} bytes long; records are limited to")
+    assert records[0].raw == head.decode()[:RAW_CAP] + "...[truncated]"
+    with pytest.raises(BadInput, match=f"^{URI}:2: the line is 9,437,184 bytes long"):
+        parse_eval_lines([(1, EVAL_LINES[0].encode()), (2, LongLine(head, 9 * 2**20))], URI)
 
 
 # --- BOM, blank lines, limit -----------------------------------------------------------------
