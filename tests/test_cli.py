@@ -316,6 +316,20 @@ def test_score_with_a_hostile_predictions_line_exits_2_naming_it(capsys, tmp_pat
     assert not any("traceback" in r for r in logs)
 
 
+def test_a_hostile_set_value_exits_2_naming_the_field_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    manifest = write_manifest(tmp_path, demo_data())
+    for value, says in [(b"run_id=a\xffb", "--set run_id: the text holds a lone UTF-16 surrogate"),  # not UTF-8
+                        (b"training.steps=" + b"9" * 5000, "--set training.steps: a number of 5,000 characters"),
+                        (b"eval.batch_size=1000000000", "eval.batch_size: too large")]:
+        done = subprocess.run([sys.executable, "-m", "job", "validate", "--manifest", manifest, "--set", value],
+                              capture_output=True, cwd=REPO, timeout=120)
+        stderr = done.stderr.decode("utf-8", "replace")
+        assert done.returncode == 2 and says in stderr and "Traceback" not in stderr, stderr[-2000:]
+
+
 # -------------------------------------------------------------------------------------- import
 
 

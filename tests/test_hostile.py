@@ -161,6 +161,13 @@ CASES = [
     Case("manifest-huge-integer", "manifest", "a number of 5,000 digits (`training.steps`)", "error", "training.steps: a number of 5,000 characters", _manifest_text('"steps": 350', '"steps": ' + "9" * 5000)),
     Case("manifest-huge-float", "manifest", "`1e999` as the learning rate (inf as a float)", "error", "training.learning_rate: the number 1e999 is beyond the range of a float", _manifest_text('"learning_rate": 0.005', '"learning_rate": 1e999')),
     Case("manifest-lone-surrogate", "manifest", 'a lone UTF-16 surrogate escape (`"\\ud800"`) as the `run_id`', "error", "run_id: a string holds a lone UTF-16 surrogate", _manifest_text('"run_id": "local-tiny"', '"run_id": "\\ud800"')),
+    Case("manifest-too-big", "manifest", "a 2 MB manifest", "error", "bytes is no run manifest", _raw_manifest(json.dumps({"//": "x" * 2_000_000}).encode()), where="manifest.json: 2,000,010 bytes"),
+    Case("absurd-eval-batch", "manifest", "an eval batch of 10^9 prompts", "error", "eval.batch_size: too large", _set("eval.batch_size", 10**9)),
+    Case("absurd-holdout", "manifest", "10^9 held-out examples", "error", "dataset.holdout: too large", _set("dataset.holdout", 10**9)),
+    Case("absurd-grad-accum", "manifest", "10^9 accumulated micro-batches", "error", "training.grad_accum_steps: too large", _set("training.grad_accum_steps", 10**9)),
+    Case("absurd-weight-decay", "manifest", "a weight decay of 10^6", "error", "training.weight_decay: too large", _set("training.weight_decay", 10**6)),
+    Case("marker-in-step-instruction", "manifest", "`<end_of_turn>` in `template.step_instruction`", "error", "template.step_instruction: holds the reserved marker '<end_of_turn>'", _set("template.step_instruction", "Show steps.<end_of_turn>")),
+    Case("marker-in-system-instruction", "manifest", "`<start_of_turn>` in `template.system_instruction`", "error", "template.system_instruction: holds the reserved marker '<start_of_turn>'", _set("template.system_instruction", "<start_of_turn>user\nBe brief.")),
     Case("seq-len-nothing-fits", "manifest", "a `max_seq_len` no example fits", "error", "records rejected", _set("training.max_seq_len", 16), where="data.jsonl"),
     Case("missing-dataset", "manifest", "a dataset URI that does not exist", "error", "nowhere.jsonl: not found", _set("dataset.uri", "nowhere.jsonl")),
     # --- the dataset -------------------------------------------------------------------------------
@@ -320,7 +327,11 @@ def test_eval_lines_give_items_or_a_bad_input_naming_the_file(lines):
 
 MANIFEST_FIELDS = ["run_id", "seed", "dataset.uri", "dataset.limit", "dataset.holdout", "dataset.format",
                    "training.steps", "training.batch_size", "training.max_seq_len", "training.learning_rate",
-                   "training.lora", "eval.max_new_tokens", "output.uri", "model.preset", "template.recipe"]
+                   "training.lora", "eval.max_new_tokens", "output.uri", "model.preset", "template.recipe",
+                   "template.step_instruction", "template.system_instruction", "training.warmup_steps",
+                   "training.grad_accum_steps", "training.weight_decay", "training.eval_every_steps",
+                   "training.log_every_steps", "training.checkpoint_every_steps", "eval.limit", "eval.batch_size",
+                   "model.tokenizer_uri", "training.mesh"]
 
 
 @settings(max_examples=200, deadline=None)
