@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from small_tokenizers import train_tokenizer
 
 from job import cli
 
@@ -38,6 +39,7 @@ class Inputs:
     data_name: str = "data.jsonl"
     raw_manifest: bytes | None = None  # written instead of the manifest dict
     raw_data: bytes | None = None  # written instead of the dataset lines
+    files: dict[str, bytes] = dataclasses.field(default_factory=dict)  # more files beside the manifest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +88,14 @@ def _manifest_text(old: str, new: str) -> Callable[[Inputs], None]:
         text = json.dumps(i.manifest)
         assert old in text
         i.raw_manifest = text.replace(old, new, 1).encode()
+    return change
+
+
+def _file(field: str, name: str, make: Callable[[], bytes]) -> Callable[[Inputs], None]:
+    """A file beside the manifest that `field` names."""
+    def change(i: Inputs) -> None:
+        i.files[name] = make()
+        _set(field, name)(i)
     return change
 
 
@@ -168,6 +178,8 @@ CASES = [
     Case("absurd-weight-decay", "manifest", "a weight decay of 10^6", "error", "training.weight_decay: too large", _set("training.weight_decay", 10**6)),
     Case("marker-in-step-instruction", "manifest", "`<end_of_turn>` in `template.step_instruction`", "error", "template.step_instruction: holds the reserved marker '<end_of_turn>'", _set("template.step_instruction", "Show steps.<end_of_turn>")),
     Case("marker-in-system-instruction", "manifest", "`<start_of_turn>` in `template.system_instruction`", "error", "template.system_instruction: holds the reserved marker '<start_of_turn>'", _set("template.system_instruction", "<start_of_turn>user\nBe brief.")),
+    Case("tokenizer-garbage", "manifest", "a file that is not a SentencePiece model as `model.tokenizer_uri`", "error", "is not a SentencePiece model", _file("model.tokenizer_uri", "garbage.model", lambda: b"\x00garbage" * 100), where="model.tokenizer_uri: "),
+    Case("tokenizer-not-gemma", "manifest", "a SentencePiece model without Gemma's ids (no pad, bos 1, eos 2)", "error", "is not a Gemma tokenizer: it has pad id -1", _file("model.tokenizer_uri", "plain.model", lambda: train_tokenizer(user_defined_symbols="<start_of_turn>,<end_of_turn>")), where="model.tokenizer_uri: "),
     Case("seq-len-nothing-fits", "manifest", "a `max_seq_len` no example fits", "error", "records rejected", _set("training.max_seq_len", 16), where="data.jsonl"),
     Case("missing-dataset", "manifest", "a dataset URI that does not exist", "error", "nowhere.jsonl: not found", _set("dataset.uri", "nowhere.jsonl")),
     # --- the dataset -------------------------------------------------------------------------------
@@ -233,6 +245,8 @@ def _write(tmp_path: Path, i: Inputs) -> str:
     manifest.write_bytes(i.raw_manifest if i.raw_manifest is not None else json.dumps(i.manifest).encode())
     (tmp_path / i.data_name).write_bytes(i.raw_data if i.raw_data is not None else b"".join(x + b"\n" for x in i.data))
     (tmp_path / "eval.jsonl").write_bytes(b"".join(x + b"\n" for x in i.eval))
+    for name, content in i.files.items():
+        (tmp_path / name).write_bytes(content)
     return str(manifest)
 
 
@@ -300,6 +314,7 @@ HOSTILE_JSON = st.sampled_from(["9" * 5000, "-" + "1" * 500, "1e999", "NaN", "-I
 HOSTILE_RECORD = st.tuples(RECORD, KEYS, HOSTILE_JSON).map(
     lambda t: (json.dumps(t[0])[:-1] + (", " if t[0] else "") + f'"{t[1]}": {t[2]}}}').encode())
 LINE = st.one_of(st.binary(max_size=80), RECORD.map(lambda r: json.dumps(r).encode()), HOSTILE_RECORD)
+
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(LINE.filter(lambda b: b"\n" not in b), max_size=12), st.sampled_from(FORMATS))
