@@ -8,7 +8,6 @@ storage outage, another process holds the lease): run the same command again; 1 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import traceback
@@ -98,19 +97,11 @@ def cmd_render(args) -> int:
 
 
 def cmd_score(args) -> int:
-    from job import io
-    from job.formats import read_eval_items
+    from job.formats import read_eval_items, read_predictions
     from job.score import score_predictions
 
     items = read_eval_items(args.eval)
-    predictions = []
-    for number, raw in io.iter_lines(args.predictions):
-        if raw.strip():
-            try:
-                predictions.append(json.loads(raw))
-            except ValueError as err:
-                raise BadInput(f"{args.predictions}:{number}: not a JSON object ({err})") from None
-    for row in score_predictions(items, predictions):
+    for row in score_predictions(items, read_predictions(args.predictions)):
         logs.output(row, ensure_ascii=False)
     return EXIT_OK
 

@@ -3,7 +3,7 @@
 One small function per input shape turns a parsed JSON object into the common Example record
 (a conversation of turns). A line that does not fit becomes a Reject that says why, so a run can
 report bad lines instead of training on them. The eval-set reader is strict instead: the eval set
-is fixed, so any bad line is a BadInput.
+is fixed, so any bad line is a BadInput; so is the reader of predictions to score against it.
 
 The core (`parse_lines`, `parse_eval_lines`, `parse_gemma_turns`) is pure: it takes numbered lines
 and never touches storage. `read_examples` and `read_eval_items` add the streaming from a URI.
@@ -11,12 +11,13 @@ and never touches storage. `read_examples` and `read_eval_items` add the streami
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from job import io, strict_json
 from job.errors import BadInput
+from job.io import LongLine
 
 START_OF_TURN = "<start_of_turn>"
 END_OF_TURN = "<end_of_turn>"
@@ -28,9 +29,6 @@ STOP_TOKENS = (END_OF_TURN, EOS)  # where decoding stops: the end of the model's
 RESERVED_MARKERS = (START_OF_TURN, END_OF_TURN, "<bos>", EOS, "<pad>")
 
 DETECT_WINDOW = 20  # records looked at before auto-detection gives up
-# A line longer than this is rejected unread: no training.max_seq_len holds it, and tokenizing a
-# 50 MB line would take minutes.
-MAX_RECORD_BYTES = 8 * 2**20
 RAW_CAP = 10_000  # characters of a rejected line kept in its Reject
 GEMMA_ROLES = ("user", "model")
 
@@ -136,13 +134,23 @@ def _text(obj: dict, field: str, name: str | None = None, max_len: int | None = 
     return _check_text(obj[field], name, max_len)
 
 
+def id_text(value: Any) -> str | None:
+    """An id as ids are compared: a string as it is, a whole number as its digits (7 is "7"); else None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
 def _record_id(value: Any, n: int) -> str:
     """The record's id; records without one are named by their line."""
     if value is None or value == "":
         return f"line-{n}"
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
+    text = id_text(value)
+    if text is None:
         raise _Invalid(f"field 'id' must be a string, not {_json_type(value)}")
-    return str(value)
+    return text
 
 
 def _object(obj: dict, field: str) -> dict:
@@ -351,25 +359,26 @@ def detect_format(obj: dict) -> str | None:
 # Lines -> records
 
 
-def _raw(data: bytes) -> str:
-    text = data.decode("utf-8", errors="replace")
+def _raw(data: bytes | LongLine) -> str:
+    text = (data.head if isinstance(data, LongLine) else data).decode("utf-8", errors="replace")
     if len(text) > RAW_CAP:
         return text[:RAW_CAP] + "...[truncated]"
     return text
 
 
-def _records(lines: Iterable[tuple[int, bytes]], limit: int | None) -> Iterator[tuple[int, bytes]]:
-    """The non-blank lines (records), the BOM stripped from the first line, at most `limit` of them."""
+def _records(lines: Iterable[tuple[int, bytes | LongLine]], limit: int | None
+             ) -> Iterator[tuple[int, bytes | LongLine]]:
+    """The non-blank lines (records), the BOM stripped from the first line, at most `limit` of them.
+    A LongLine is a record: it was not read, so it is not known to be blank."""
     if limit is not None and limit <= 0:
         return
     count = 0
     first = True
     for n, data in lines:
-        if first:
-            first = False
-            if data.startswith(_BOM):
-                data = data[len(_BOM):]
-        if not data.strip():
+        if first and isinstance(data, bytes) and data.startswith(_BOM):
+            data = data[len(_BOM):]
+        first = False
+        if isinstance(data, bytes) and not data.strip():
             continue
         yield n, data
         count += 1
@@ -377,18 +386,23 @@ def _records(lines: Iterable[tuple[int, bytes]], limit: int | None) -> Iterator[
             return  # stop before reading another line
 
 
-def _decode(data: bytes) -> dict:
+def _too_long(size: int) -> _Invalid:
+    return _Invalid(f"the line is {size:,} bytes long; records are limited to {io.MAX_LINE_BYTES:,} bytes "
+                    "(far more than training.max_seq_len can hold)")
+
+
+def _decode(data: bytes | LongLine) -> dict:
     """One line as a JSON object; raises _Invalid saying why it is not one."""
+    if isinstance(data, LongLine) or len(data) > io.MAX_LINE_BYTES:
+        raise _too_long(data.size if isinstance(data, LongLine) else len(data))
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise _Invalid(f"invalid UTF-8 at byte {e.start + 1} ({e.reason}); save the file as UTF-8") from None
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _Invalid(f"invalid JSON: {e.msg} (column {e.colno})") from None
-    except RecursionError:  # a hostile "[[[[...": Python's parser recurses per level
-        raise _Invalid("nested too deeply to be a record") from None
+        value = strict_json.loads(text)
+    except strict_json.JSONError as e:  # a syntax error has a column; the others name their place
+        raise _Invalid(f"invalid JSON: {e.reason} (column {e.column})" if e.column else e.reason) from None
     if isinstance(value, list):
         raise _Invalid("a JSON array, not a JSONL object; write one object per line")
     if not isinstance(value, dict):
@@ -396,14 +410,11 @@ def _decode(data: bytes) -> dict:
     return value
 
 
-def _reject(uri: str, n: int, reason: str, data: bytes) -> Reject:
+def _reject(uri: str, n: int, reason: str, data: bytes | LongLine) -> Reject:
     return Reject(uri=uri, line=n, reason=reason, raw=_raw(data))
 
 
-def _convert(fmt: str, n: int, data: bytes, uri: str) -> Example | Reject:
-    if len(data) > MAX_RECORD_BYTES:
-        return _reject(uri, n, f"the line is {len(data):,} bytes long; records are limited to "
-                       f"{MAX_RECORD_BYTES:,} bytes (far more than training.max_seq_len can hold)", data)
+def _convert(fmt: str, n: int, data: bytes | LongLine, uri: str) -> Example | Reject:
     try:
         obj = _decode(data)
     except _Invalid as e:
@@ -421,7 +432,7 @@ def _convert(fmt: str, n: int, data: bytes, uri: str) -> Example | Reject:
 
 
 def parse_lines(
-    lines: Iterable[tuple[int, bytes]], uri: str, fmt: str = "auto", limit: int | None = None
+    lines: Iterable[tuple[int, bytes | LongLine]], uri: str, fmt: str = "auto", limit: int | None = None
 ) -> Iterator[Example | Reject]:
     """Parse numbered JSONL lines of one dataset into Examples and Rejects, in file order.
 
@@ -432,7 +443,7 @@ def parse_lines(
     if fmt != "auto" and fmt not in _READERS:
         raise BadInput(f"dataset.format: unknown format {fmt!r}; use auto or one of {', '.join(FORMATS)}")
     records = _records(lines, limit)
-    pending: list[tuple[int, bytes]] = []
+    pending: list[tuple[int, bytes | LongLine]] = []
     if fmt == "auto":
         fmt, pending = _detect(records, uri)
         if fmt is None:
@@ -443,12 +454,13 @@ def parse_lines(
         yield _convert(fmt, n, data, uri)
 
 
-def _detect(records: Iterator[tuple[int, bytes]], uri: str) -> tuple[str | None, list[tuple[int, bytes]]]:
+def _detect(records: Iterator[tuple[int, bytes | LongLine]], uri: str
+            ) -> tuple[str | None, list[tuple[int, bytes | LongLine]]]:
     """Read records until one reveals the format; returns it with the records read so far.
 
     (None, []) for a dataset without records; BadInput when DETECT_WINDOW records reveal nothing.
     """
-    pending: list[tuple[int, bytes]] = []
+    pending: list[tuple[int, bytes | LongLine]] = []
     keys_seen: set[str] = set()
     for n, data in records:
         pending.append((n, data))
@@ -476,8 +488,6 @@ def read_examples(
     uri: str, fmt: str = "auto", limit: int | None = None, digest: Any = None
 ) -> Iterator[Example | Reject]:
     """Stream a dataset from a URI (local path, gs://, .gz) as Examples and Rejects."""
-    from job import io
-
     return parse_lines(io.iter_lines(uri, digest), uri, fmt, limit)
 
 
@@ -524,7 +534,7 @@ def _eval_item(obj: dict, n: int) -> EvalItem:
     )
 
 
-def parse_eval_lines(lines: Iterable[tuple[int, bytes]], uri: str, limit: int | None = None) -> list[EvalItem]:
+def parse_eval_lines(lines: Iterable[tuple[int, bytes | LongLine]], uri: str, limit: int | None = None) -> list[EvalItem]:
     """Parse an eval set's numbered JSONL lines; any bad line, a duplicate id or no items is a BadInput."""
     items: list[EvalItem] = []
     first_line: dict[str, int] = {}
@@ -547,6 +557,34 @@ def parse_eval_lines(lines: Iterable[tuple[int, bytes]], uri: str, limit: int | 
 
 def read_eval_items(uri: str, limit: int | None = None, digest: Any = None) -> list[EvalItem]:
     """Read an eval set from a URI (local path, gs://, .gz)."""
-    from job import io
-
     return parse_eval_lines(io.iter_lines(uri, digest), uri, limit)
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions to score against an eval set
+
+
+def _prediction(obj: dict) -> dict[str, str]:
+    prediction_id = id_text(obj.get("id"))
+    if prediction_id is None:
+        raise _Invalid(f"field 'id' must be a string or a whole number, not {_json_type(obj.get('id'))}")
+    if not isinstance(obj.get("output"), str):
+        raise _Invalid(f"field 'output' must be a string, not {_json_type(obj.get('output'))}")
+    return {"id": prediction_id, "output": obj["output"]}
+
+
+def parse_prediction_lines(lines: Iterable[tuple[int, bytes | LongLine]], uri: str) -> list[dict[str, str]]:
+    """Predictions {"id", "output"} from numbered JSONL lines; a bad line is a BadInput naming it.
+    Ids compare as eval ids do: 7 names the eval item "7"."""
+    predictions = []
+    for n, data in _records(lines, None):
+        try:
+            predictions.append(_prediction(_decode(data)))
+        except _Invalid as e:
+            raise BadInput(f"{uri}:{n}: {e}; write one {{\"id\", \"output\"}} object per line") from None
+    return predictions
+
+
+def read_predictions(uri: str) -> list[dict[str, str]]:
+    """Read predictions from a URI (local path, gs://, .gz)."""
+    return parse_prediction_lines(io.iter_lines(uri), uri)

@@ -21,6 +21,7 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 import contextlib
 import contextvars
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -37,13 +38,17 @@ from typing import Any
 import fsspec
 import fsspec.asyn
 
-from job import logs, settings
+from job import logs, settings, strict_json
 from job.errors import BadInput, JobError, Retriable
 
 # Object-store reads: a readahead cache fetches whole blocks in order (the default "adaptive"
 # cache starts with hundreds of 8 KiB range requests); the block size bounds memory per open file.
 READ_BLOCK_SIZE = 8 * 2**20
 _CHUNK = 2**20  # bytes asked of a stream per read when splitting lines or hashing
+# iter_lines hands over lines up to this long; a longer one is read through and comes as a LongLine:
+# no training.max_seq_len holds one, and tokenizing a 50 MB line would take minutes.
+MAX_LINE_BYTES = 8 * 2**20
+LONG_LINE_HEAD = 2**16  # bytes kept of a LongLine: enough to show what it is
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*)://")
 _LOCAL_SCHEMES = ("file", "local")
 _UNBUFFERED_PROTOCOLS = {"file", "local", "memory"}
@@ -231,25 +236,108 @@ def _open_read(fs: fsspec.AbstractFileSystem, path: str) -> Any:
 # --------------------------------------------------------------------------------------- reads
 
 
-def _split_lines(stream: Any) -> Iterator[bytes]:
-    """Yield each line with its ending; memory is bounded by the longest line plus one chunk."""
-    pending: list[bytes] = []
+@dataclasses.dataclass(frozen=True)
+class LongLine:
+    """A line longer than the reader's limit, in place of its bytes: read through, never kept whole."""
+
+    head: bytes  # its first LONG_LINE_HEAD bytes, to show where it starts
+    size: int  # its length in bytes, without the line ending
+
+
+class _Digest:
+    """Feeds a hashlib object (or nothing) every byte exactly once, by offset in the stream: a stream
+    reopened after a break is split again from its start, and bytes hashed before are skipped."""
+
+    def __init__(self, digest: Any):
+        self.digest, self.done = digest, 0
+
+    def feed(self, offset: int, data: bytes | memoryview) -> None:
+        end = offset + len(data)
+        if end > self.done and self.digest is not None:
+            self.digest.update(data if offset >= self.done else data[self.done - offset:])
+            self.done = end
+
+
+def _start_of(parts: list[bytes]) -> bytes:
+    """The first LONG_LINE_HEAD bytes of the parts, without joining them all."""
+    head = bytearray()
+    for part in parts:
+        head += part[:LONG_LINE_HEAD - len(head)]
+        if len(head) == LONG_LINE_HEAD:
+            break
+    return bytes(head)
+
+
+class _Line:
+    """A line read in pieces: kept until it proves longer than `max_bytes`, then only its start."""
+
+    def __init__(self, max_bytes: int, digest: _Digest):
+        self.max_bytes, self.digest = max_bytes, digest
+        self._reset()
+
+    def _reset(self) -> None:
+        self.parts: list[bytes] = []
+        self.head: bytearray | None = None  # once the line is too long: its first LONG_LINE_HEAD bytes
+        self.offset = self.size = 0  # where the line starts in the stream; its bytes so far
+        self.last = 0  # its last byte so far (a "\r" before the "\n" belongs to the ending)
+
+    def add(self, piece: memoryview, offset: int) -> None:
+        """The next bytes of the line (no "\\n" among them), found at `offset` in the stream."""
+        if not piece:
+            return
+        if not self.size:
+            self.offset = offset
+        self.digest.feed(offset, piece)
+        self.size += len(piece)
+        self.last = piece[-1]
+        if self.head is None:
+            self.parts.append(bytes(piece))
+            if self.size > self.max_bytes + 1:  # too long even without a "\r" ending: keep only its start
+                self.head, self.parts = bytearray(_start_of(self.parts)), []
+        elif len(self.head) < LONG_LINE_HEAD:
+            self.head += piece[:LONG_LINE_HEAD - len(self.head)]
+
+    def end(self, newline: bool) -> bytes | LongLine:
+        """The line without its "\\n" or "\\r\\n" (or a LongLine); the next line starts after it."""
+        crlf = newline and self.last == 13  # "\r"
+        size = self.size - crlf
+        if newline:
+            self.digest.feed(self.offset + self.size, b"\n")
+        if self.head is None and size <= self.max_bytes:
+            if crlf:
+                self.parts[-1] = self.parts[-1][:-1]
+            line: bytes | LongLine = b"".join(self.parts)
+        else:
+            head = self.head if self.head is not None else _start_of(self.parts)
+            line = LongLine(bytes(head[:size]), size)  # [:size]: without a "\r" of its ending
+        self._reset()
+        return line
+
+
+def _split_lines(stream: Any, max_bytes: int, digest: _Digest) -> Iterator[bytes | LongLine]:
+    """Yield each line without its ending, or a LongLine for one over max_bytes: memory stays within
+    max_bytes plus a few chunks whatever the line lengths. Bytes are hashed as their line is read."""
+    line, base, hashing = _Line(max_bytes, digest), 0, digest.digest is not None
     while chunk := stream.read(_CHUNK):
-        start = 0
-        while (end := chunk.find(b"\n", start)) != -1:
-            pending.append(chunk[start : end + 1])
-            yield b"".join(pending)
-            pending = []
-            start = end + 1
-        if start < len(chunk):
-            pending.append(chunk[start:])
-    if pending:
-        yield b"".join(pending)
+        view, start = memoryview(chunk), 0
+        while (newline := chunk.find(b"\n", start)) != -1:
+            if line.size or newline - start > max_bytes:
+                line.add(view[start:newline], base + start)
+                yield line.end(newline=True)
+            else:  # the whole line is in this chunk (the common case): only the line itself is copied
+                if hashing:
+                    digest.feed(base + start, view[start:newline + 1])
+                yield chunk[start:newline - (newline > start and chunk[newline - 1] == 13)]
+            start = newline + 1
+        line.add(view[start:], base + start)
+        base += len(chunk)
+    if line.size:
+        yield line.end(newline=False)
 
 
-def _raw_lines(uri: str, raw: Any) -> Iterator[tuple[int, bytes]]:
+def _raw_lines(uri: str, raw: Any, max_bytes: int, digest: _Digest) -> Iterator[tuple[int, bytes | LongLine]]:
     stream = gzip.GzipFile(fileobj=raw, mode="rb") if uri.endswith(".gz") else raw
-    lines = _split_lines(stream)
+    lines = _split_lines(stream, max_bytes, digest)
     number = 0
     while True:
         try:
@@ -262,26 +350,25 @@ def _raw_lines(uri: str, raw: Any) -> Iterator[tuple[int, bytes]]:
         yield number, line
 
 
-def iter_lines(uri: str, digest: Any = None) -> Iterator[tuple[int, bytes]]:
-    """Stream (1-based line number, line without its "\\n" or "\\r\\n") in constant memory.
+def iter_lines(uri: str, digest: Any = None, max_line_bytes: int = MAX_LINE_BYTES
+               ) -> Iterator[tuple[int, bytes | LongLine]]:
+    """Stream (1-based line number, line without its "\\n" or "\\r\\n") in bounded memory.
 
-    A ".gz" URI is decompressed. `digest` (a hashlib object) is updated with every byte read
-    (decompressed), so afterwards it holds the hash of exactly what the caller saw. A transient
-    storage error reopens the file and carries on after the last line given.
+    A line longer than `max_line_bytes` comes as a LongLine (its start and length), read through
+    without being kept. A ".gz" URI is decompressed. `digest` (a hashlib object) is updated with
+    every byte read (decompressed), so afterwards it holds the hash of exactly what the caller saw.
+    A transient storage error reopens the file and carries on after the last line given.
     """
     fs, path = _fs(uri)
+    hashed = _Digest(digest)
     given, attempt = 0, 0
     while True:
         try:
             with _storage_errors(uri), _open_read(fs, path) as raw:
-                for number, line in _raw_lines(uri, raw):
+                for number, line in _raw_lines(uri, raw, max_line_bytes, hashed):
                     if number <= given:
                         continue  # given before the stream broke
                     given = number
-                    if digest is not None:
-                        digest.update(line)
-                    if line.endswith(b"\n"):
-                        line = line[:-2] if line.endswith(b"\r\n") else line[:-1]
                     yield number, line
             return
         except BadInput:
@@ -307,14 +394,14 @@ def read_text(uri: str) -> str:
 
 
 def read_json(uri: str) -> Any:
-    """The object parsed as JSON; a syntax error names URI:line:column."""
+    """The object parsed as strict JSON (job/strict_json.py); a syntax error names URI:line:column."""
     text = read_text(uri)
     try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise BadInput(f"{uri}:{e.lineno}:{e.colno}: not valid JSON ({e.msg})") from e
-    except RecursionError:
-        raise BadInput(f"{uri}: nested too deeply to be read; write a flatter JSON document") from None
+        return strict_json.loads(text)
+    except strict_json.JSONError as e:
+        if e.line is not None:
+            raise BadInput(f"{uri}:{e.line}:{e.column}: not valid JSON ({e.reason})") from None
+        raise BadInput(f"{uri}: {e.reason}") from None
 
 
 def exists(uri: str) -> bool:

@@ -25,9 +25,9 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from job import io
+from job import io, strict_json
 from job.errors import BadInput
-from job.formats import DETECT_WINDOW, FORMATS
+from job.formats import DETECT_WINDOW, FORMATS, RESERVED_MARKERS, find_marker
 from job.template import DEFAULT_RECIPE, RECIPES
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -48,6 +48,12 @@ Preset = Literal[
 PRESETS: tuple[str, ...] = get_args(Preset)
 _RUN_ID = re.compile(r"[A-Za-z0-9._-]{1,100}")
 _RULE = "manifest_rule"  # error type of this module's own checks; ctx["problems"] holds them
+# Upper bounds of what a run can use, so that a slip of the keyboard (10^9 for 10^3) is an error
+# here rather than an allocation that fails, or a run that never ends, later.
+MAX_STEPS = 10_000_000
+MAX_URI = 4096  # characters of a URI (GCS object names are at most 1024 bytes)
+MAX_INSTRUCTION = 20_000  # characters of a template instruction (added to every example)
+MAX_MANIFEST_BYTES = 2**20  # a manifest is a few KB; this much is no manifest
 
 
 def _problem(*problems: tuple[str | None, str, str, Any]) -> PydanticCustomError:
@@ -67,16 +73,17 @@ class DatasetSpec(_Section):
     """The training data: where it is, its shape, and how much of it to use."""
 
     uri: str = Field(
-        min_length=1, description="File to train on (JSONL, optionally .gz); relative to the manifest's folder."
+        min_length=1, max_length=MAX_URI,
+        description="File to train on (JSONL, optionally .gz); relative to the manifest's folder.",
     )
     format: Literal[("auto", *FORMATS)] = Field(
         "auto", description=f"Record shape; auto detects it from the first {DETECT_WINDOW} records (a file holds one format)."
     )
-    limit: int | None = Field(None, ge=1, description="Read at most this many records (null: all).")
+    limit: int | None = Field(None, ge=1, le=10**9, description="Read at most this many records (null: all).")
     max_reject_fraction: float = Field(
         0.1, ge=0, le=1, description="Fail the run when more than this fraction of records is rejected."
     )
-    holdout: int = Field(16, ge=0, description="Examples held out of training to measure eval loss.")
+    holdout: int = Field(16, ge=0, le=100_000, description="Examples held out of training to measure eval loss.")
     shuffle: bool = Field(True, description="Shuffle the examples (with the run's seed) before training.")
 
 
@@ -84,8 +91,23 @@ class TemplateSpec(_Section):
     """How examples are rendered into Gemma chat turns."""
 
     recipe: Literal[tuple(RECIPES)] = Field(DEFAULT_RECIPE, description="Rendering recipe.")
-    system_instruction: str | None = Field(None, description="System text folded into the first user turn.")
-    step_instruction: str | None = Field(None, description="Instruction added to the user turn asking for steps.")
+    system_instruction: str | None = Field(
+        None, max_length=MAX_INSTRUCTION, description="System text folded into the first user turn."
+    )
+    step_instruction: str | None = Field(
+        None, max_length=MAX_INSTRUCTION, description="Instruction added to the user turn asking for steps."
+    )
+
+    @field_validator("system_instruction", "step_instruction")
+    @classmethod
+    def _no_markers(cls, value: str | None) -> str | None:
+        # Rendered into every prompt, a marker would forge or close a turn (and the eval refuses it).
+        marker = find_marker(value) if value is not None else None
+        if marker is not None:
+            what = f"holds the reserved marker {marker!r}"
+            raise _problem((None, what, f"remove it; Gemma's control tokens ({', '.join(RESERVED_MARKERS)}) "
+                            "may not appear in instructions", value))
+        return value
 
 
 class ModelSpec(_Section):
@@ -93,13 +115,15 @@ class ModelSpec(_Section):
 
     preset: Preset = Field("tiny", description="Model architecture; tiny is a small random model for tests.")
     weights_uri: str | None = Field(
-        None, description="Checkpoint to start from (safetensors folder or Orbax checkpoint)."
+        None, min_length=1, max_length=MAX_URI,
+        description="Checkpoint to start from (safetensors folder or Orbax checkpoint).",
     )
     weights_format: Literal["auto", "safetensors", "orbax", "job"] = Field(
         "auto", description="Checkpoint format; auto detects it from the files."
     )
     tokenizer_uri: str | None = Field(
-        None, description="SentencePiece model file; null uses the tokenizer shipped with the job (tiny only)."
+        None, min_length=1, max_length=MAX_URI,
+        description="SentencePiece model file; null uses the tokenizer shipped with the job (tiny only).",
     )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Parameter and compute dtype.")
 
@@ -125,10 +149,10 @@ class LoraSpec(_Section):
     """Low-rank adapters: train small matrices beside the frozen weights."""
 
     rank: int = Field(8, ge=1, le=1024, description="Adapter rank.")
-    alpha: float = Field(16.0, gt=0, description="Adapter scale numerator (scale = alpha / rank).")
+    alpha: float = Field(16.0, gt=0, le=10_000, description="Adapter scale numerator (scale = alpha / rank).")
     module_path: str = Field(
         ".*q_einsum|.*kv_einsum|.*attn_vec_einsum|.*gate_proj|.*up_proj|.*down_proj",
-        description="Regular expression of the module paths that get adapters.",
+        max_length=1000, description="Regular expression of the module paths that get adapters.",
     )
 
     @field_validator("module_path")
@@ -144,8 +168,8 @@ class LoraSpec(_Section):
 class MeshSpec(_Section):
     """How the devices of all processes are laid out: data-parallel (fsdp, weights sharded too) x tensor-parallel."""
 
-    fsdp: int = Field(-1, ge=-1, description="Devices on the fsdp axis (batch rows and weights split); -1: the rest.")
-    tp: int = Field(1, ge=-1, description="Devices on the tensor-parallel axis; -1: the rest.")
+    fsdp: int = Field(-1, ge=-1, le=65536, description="Devices on the fsdp axis (batch rows and weights split); -1: the rest.")
+    tp: int = Field(1, ge=-1, le=65536, description="Devices on the tensor-parallel axis; -1: the rest.")
 
     @model_validator(mode="after")
     def _no_zero(self) -> MeshSpec:
@@ -158,15 +182,15 @@ class MeshSpec(_Section):
 class TrainingSpec(_Section):
     """The optimisation: steps, batch, sequence length, learning rate, adapters, checkpoints."""
 
-    steps: int = Field(100, ge=1, le=10_000_000, description="Optimizer steps.")
+    steps: int = Field(100, ge=1, le=MAX_STEPS, description="Optimizer steps.")
     batch_size: int = Field(8, ge=1, le=65536, description="Rows per micro-batch (one example each, or several with packing).")
     max_seq_len: int = Field(256, ge=16, le=131072, description="Tokens per row; the longest example allowed, prompt and completion together.")
     learning_rate: float = Field(1e-3, gt=0, le=1, description="Peak learning rate.")
-    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps; at most steps.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    grad_accum_steps: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    warmup_steps: int = Field(10, ge=0, le=MAX_STEPS, description="Linear warm-up steps; at most steps.")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="AdamW weight decay.")
+    grad_accum_steps: int = Field(1, ge=1, le=1024, description="Micro-batches accumulated per optimizer step.")
     max_grad_norm: float | None = Field(
-        1.0, gt=0, description="Clip the gradient to this global norm (null: no clipping)."
+        1.0, gt=0, le=10_000, description="Clip the gradient to this global norm (null: no clipping)."
     )
     lora: LoraSpec | None = Field(
         None, description="Train LoRA adapters instead of all weights (null: full fine-tuning)."
@@ -177,11 +201,11 @@ class TrainingSpec(_Section):
     length_policy: Literal["reject", "truncate"] = Field(
         "reject", description="What to do with examples longer than max_seq_len."
     )
-    log_every_steps: int = Field(10, ge=1, description="Write metrics every this many steps.")
+    log_every_steps: int = Field(10, ge=1, le=MAX_STEPS, description="Write metrics every this many steps.")
     eval_every_steps: int | None = Field(
-        None, ge=1, description="Measure eval loss on the holdout every this many steps."
+        None, ge=1, le=MAX_STEPS, description="Measure eval loss on the holdout every this many steps."
     )
-    checkpoint_every_steps: int = Field(50, ge=1, description="Save a checkpoint every this many steps.")
+    checkpoint_every_steps: int = Field(50, ge=1, le=MAX_STEPS, description="Save a checkpoint every this many steps.")
     mesh: MeshSpec = Field(
         default_factory=MeshSpec, description="Device mesh over every process's devices; batch_size must divide by fsdp."
     )
@@ -197,10 +221,10 @@ class TrainingSpec(_Section):
 class EvalSpec(_Section):
     """The evaluation set scored before and after training."""
 
-    uri: str = Field(min_length=1, description="Eval set file (JSONL); relative to the manifest's folder.")
-    limit: int | None = Field(None, ge=1, description="Score at most this many items (null: all).")
+    uri: str = Field(min_length=1, max_length=MAX_URI, description="Eval set file (JSONL); relative to the manifest's folder.")
+    limit: int | None = Field(None, ge=1, le=1_000_000, description="Score at most this many items (null: all).")
     max_new_tokens: int = Field(128, ge=1, le=8192, description="Tokens generated per answer.")
-    batch_size: int = Field(16, ge=1, description="Prompts decoded together.")
+    batch_size: int = Field(16, ge=1, le=1024, description="Prompts decoded together.")
     max_prompt_len: int = Field(128, ge=8, le=131072, description=(
         "Prompts are left-padded to this many tokens (one compiled sampler each), or to the first doubling of it that fits."))
 
@@ -208,7 +232,8 @@ class EvalSpec(_Section):
 class OutputSpec(_Section):
     """Where the run writes its results."""
 
-    uri: str = Field(min_length=1, description="Parent folder of run directories; the run writes to {uri}/{run_id}.")
+    uri: str = Field(min_length=1, max_length=MAX_URI,
+                     description="Parent folder of run directories; the run writes to {uri}/{run_id}.")
 
 
 class Manifest(_Section):
@@ -322,6 +347,7 @@ def _describe(error: dict[str, Any]) -> list[str]:
         "less_than_equal": ("too large", f"use a value <= {ctx.get('le')}"),
         "less_than": ("too large", f"use a value < {ctx.get('lt')}"),
         "string_too_short": ("too short", f"give at least {ctx.get('min_length')} character(s)"),
+        "string_too_long": ("too long", f"use at most {ctx.get('max_length')} characters"),
         "finite_number": ("not a finite number", "use an ordinary number"),
     }
     if kind == "string_too_short" and ctx.get("min_length") == 1:
@@ -352,18 +378,25 @@ def _drop_comments(value: Any) -> Any:
     return value
 
 
+def _override_value(key: str, raw: str) -> Any:
+    """The JSON value of `raw`, or `raw` itself when it is not JSON (a bare string)."""
+    try:
+        return strict_json.loads(raw)
+    except strict_json.JSONError as e:
+        if e.line is not None:  # a syntax error: not meant as JSON
+            return raw
+        raise BadInput(f"--set {key}: {e.reason}") from None
+
+
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """A copy of data with each "a.b.c=value" applied; value is JSON when it parses, else a string."""
     result = copy.deepcopy(data)
     for override in overrides:
         key, sep, raw = override.partition("=")
         parts = key.strip().split(".")
-        if not sep or not all(parts):
+        if not sep or not all(parts) or not key.isprintable():
             raise BadInput(f"override {override!r}: expected field.path=value, e.g. training.steps=200")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
+        value = _override_value(key.strip(), raw)
         node = result
         for depth, part in enumerate(parts[:-1]):
             if node.get(part) is None:
@@ -403,6 +436,10 @@ def parse_manifest(data: dict, base_uri: str | None = None, overrides: Sequence[
 
 def load_manifest(uri: str, overrides: Sequence[str] = ()) -> Manifest:
     """Read a manifest by URI (relative URIs in it resolve against its folder) and validate it."""
+    size = io.size(uri)
+    if size > MAX_MANIFEST_BYTES:
+        raise BadInput(f"{uri}: {size:,} bytes is no run manifest (they are a few KB; the limit is "
+                       f"{MAX_MANIFEST_BYTES:,}); check the path")
     return parse_manifest(io.read_json(uri), base_uri=uri, overrides=overrides)
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import qwix
 from flax import nnx
+from pydantic import ValidationError
 from tunix.models.gemma3 import model as gemma3
 
 from job import io, tunix_compat, weights
@@ -164,25 +166,51 @@ def _load(spec: ModelSpec, config: gemma3.ModelConfig, cache_dir: str, base: dic
     return weights.load_pretrained(config, spec.weights_uri, spec.weights_format, spec.dtype, cache_dir), base
 
 
-def _load_final(spec: ModelSpec, config: gemma3.ModelConfig, cache_dir: str, info: dict):
-    """A previous run's final/ directory: full weights, or a LoRA adapter on top of the base it names."""
+@dataclasses.dataclass(frozen=True)
+class _Final:
+    """A final/ directory's model.json, checked: the preset, the base model and seed, the adapter."""
 
-    if info.get("format") != FINAL_FORMAT:
-        raise BadInput(f"model.weights_uri: {spec.weights_uri}/model.json is not a {FINAL_FORMAT} description")
-    if info["preset"] != spec.preset:
-        raise BadInput(f"model.preset: {spec.preset!r} but {spec.weights_uri} holds a {info['preset']!r} model; "
-                       f"set model.preset to {info['preset']!r}")
-    base = info["base"]
-    if info["lora"] is None:
-        model = random_model(config, base["seed"], spec.dtype) if spec.preset == "tiny" else _abstract(config)
+    preset: str
+    base: dict
+    base_spec: ModelSpec
+    seed: int
+    lora: LoraSpec | None
+
+
+def _final_description(spec: ModelSpec, info: Any) -> _Final:
+    """model.json as written by final_description, or a BadInput naming model.weights_uri."""
+    where = f"model.weights_uri: {spec.weights_uri}/model.json"
+    if not isinstance(info, dict) or info.get("format") != FINAL_FORMAT:
+        raise BadInput(f"{where} is not a {FINAL_FORMAT} description")
+    try:
+        base = info["base"]
+        fields = {k: base[k] for k in ("preset", "weights_uri", "weights_format", "dtype")}
+        base_spec = ModelSpec.model_validate({**spec.model_dump(), **fields})
+        lora = None if info["lora"] is None else LoraSpec.model_validate(info["lora"])
+        seed, preset = base["seed"], info["preset"]
+        if not isinstance(preset, str) or isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+            raise TypeError("preset or seed of the wrong type")
+    except (KeyError, TypeError, ValidationError) as e:
+        raise BadInput(f"{where} is damaged ({type(e).__name__}: {str(e)[:300]}); "
+                       "copy the final/ directory again from the run that made it") from None
+    return _Final(preset, base, base_spec, seed, lora)
+
+
+def _load_final(spec: ModelSpec, config: gemma3.ModelConfig, cache_dir: str, info: Any):
+    """A previous run's final/ directory: full weights, or a LoRA adapter on top of the base it names."""
+    final = _final_description(spec, info)
+    if final.preset != spec.preset:
+        raise BadInput(f"model.preset: {spec.preset!r} but {spec.weights_uri} holds a {final.preset!r} model; "
+                       f"set model.preset to {final.preset!r}")
+    if final.lora is None:
+        model = random_model(config, final.seed, spec.dtype) if spec.preset == "tiny" else _abstract(config)
         weights.restore_params(model, io.join(spec.weights_uri, "params"))
-        return model, dict(base, weights_uri=spec.weights_uri, weights_format="job")
-    base_spec = spec.model_copy(update={k: base[k] for k in ("preset", "weights_uri", "weights_format", "dtype")})
-    built = build_model(base_spec, None, base["seed"], config.num_embed, cache_dir)
-    lora = info["lora"]
-    model = apply_lora(built.model, lora["rank"], lora["alpha"], lora["module_path"], base["seed"])
+        return model, dict(final.base, weights_uri=spec.weights_uri, weights_format="job")
+    built = build_model(final.base_spec, None, final.seed, config.num_embed, cache_dir)
+    lora = final.lora
+    model = apply_lora(built.model, lora.rank, lora.alpha, lora.module_path, final.seed)
     weights.restore_params(model, io.join(spec.weights_uri, "adapter"), lora_only=True)
-    return model, base
+    return model, final.base
 
 
 def _abstract(config: gemma3.ModelConfig) -> gemma3.Gemma3:

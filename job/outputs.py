@@ -19,7 +19,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 
-from job import io, logs
+from job import io, logs, strict_json
 from job.errors import BadInput, JobError, Retriable
 from job.lease import Lease
 from job.provenance import utc_now
@@ -244,8 +244,8 @@ def _stored_ids(payload: bytes | None, count: int) -> list[str]:
     if payload is None:
         raise _Unknown("HTTP 201, but its body broke off")
     try:
-        answer = json.loads(payload)
-    except (ValueError, RecursionError):
+        answer = strict_json.loads(payload.decode("utf-8"))
+    except ValueError:  # not UTF-8, not JSON the job reads
         raise _Unknown("HTTP 201, but its body is not JSON") from None
     if not isinstance(answer, dict):
         raise _Unknown(f"HTTP 201, but its body is a JSON {type(answer).__name__}, not an object")
@@ -333,8 +333,8 @@ def _read_batch(uri: str) -> tuple[bytes, int]:
     """A batch file's bytes and its number of traces."""
     body = io.read_bytes(uri)
     try:
-        batch = json.loads(body)
-    except (ValueError, RecursionError) as e:
+        batch = strict_json.loads(body.decode("utf-8"))
+    except ValueError as e:
         raise BadInput(f"{uri}: not valid JSON ({e}); write the batch files again") from e
     if not isinstance(batch, list) or not batch:
         raise BadInput(f"{uri}: expected a non-empty JSON array of traces; write the batch files again")

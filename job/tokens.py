@@ -61,11 +61,31 @@ class Tokenizer:
         return self.processor.decode([int(i) for i in ids])
 
 
+MAX_TOKENIZER_BYTES = 64 * 2**20  # Gemma 3's is 4.5 MB; far more is not a tokenizer
+# The ids the job relies on, as in Gemma: batches are padded with 0, every example starts with bos,
+# decoding stops at eos (and <end_of_turn>); pretrained embeddings have their rows at these ids.
+GEMMA_SPECIAL_IDS = {"pad": 0, "eos": 1, "bos": 2}
+
+
 def tokenizer_bytes(uri: str | None) -> bytes:
     """The SentencePiece model's bytes at `uri`; None means the tiny tokenizer shipped with the job."""
     if uri is None:
         return importlib.resources.files("job.assets").joinpath(SHIPPED_TOKENIZER).read_bytes()
+    size = io.size(uri)
+    if size > MAX_TOKENIZER_BYTES:
+        raise BadInput(f"model.tokenizer_uri: {uri} is {size:,} bytes, not a SentencePiece model (at most "
+                       f"{MAX_TOKENIZER_BYTES:,}); point it at the model's tokenizer.model")
     return io.read_bytes(uri)
+
+
+def _missing_ids(processor: spm.SentencePieceProcessor) -> list[str]:
+    """What the job needs from a tokenizer and this one lacks."""
+    ids = {"pad": processor.pad_id(), "eos": processor.eos_id(), "bos": processor.bos_id()}
+    problems = [f"{name} id {ids[name]} where Gemma's is {wanted}"
+                for name, wanted in GEMMA_SPECIAL_IDS.items() if ids[name] != wanted]
+    problems += [f"no single token for {marker}" for marker in (START_OF_TURN, END_OF_TURN)
+                 if processor.piece_to_id(marker) in (processor.unk_id(), *ids.values())]
+    return problems
 
 
 def load_tokenizer(uri: str | None) -> Tokenizer:
@@ -78,14 +98,11 @@ def load_tokenizer(uri: str | None) -> Tokenizer:
         processor.LoadFromSerializedProto(data)
     except Exception as err:  # sentencepiece raises RuntimeError/OSError with C++ text
         raise BadInput(f"model.tokenizer_uri: {uri} is not a SentencePiece model ({err})") from None
-    tokenizer = Tokenizer(processor, uri)
-    for marker in (START_OF_TURN, END_OF_TURN):
-        if processor.piece_to_id(marker) == processor.unk_id():
-            raise BadInput(f"model.tokenizer_uri: {uri} has no single token for {marker}; "
-                           "use a Gemma tokenizer (or the shipped tiny one)")
-    if tokenizer.pad_id != 0:
-        raise BadInput(f"model.tokenizer_uri: {uri} has pad id {tokenizer.pad_id}; the job needs pad id 0 as in Gemma")
-    return tokenizer
+    problems = _missing_ids(processor)
+    if problems:
+        raise BadInput(f"model.tokenizer_uri: {uri} is not a Gemma tokenizer: it has {'; '.join(problems)}; "
+                       "use the Gemma tokenizer the weights were trained with (or null for the shipped tiny one)")
+    return Tokenizer(processor, uri)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import os
 import struct
 from collections.abc import Callable, Iterator
@@ -32,7 +31,7 @@ from tunix.models.gemma3 import model as gemma3
 from tunix.models.gemma3 import params as gemma3_params
 from tunix.models.gemma3 import params_safetensors
 
-from job import io
+from job import io, strict_json
 from job.errors import BadInput
 
 # Files that mark a directory as an Orbax checkpoint (OCDBT, plain, and the old msgpack one).
@@ -40,6 +39,7 @@ _ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkp
 # tunix's fast safetensors reader takes the first tensor's dtype for the whole file.
 _SAFETENSORS_DTYPES = {"F32", "BF16", "F16"}
 _MAX_PROBLEMS = 5
+_MAX_SAFETENSORS_HEADER = 100_000_000  # the safetensors format's own limit
 
 # Per-layer norms: Hugging Face name -> tunix name (the loader copies them unchanged).
 _LAYER_NORMS = {
@@ -154,10 +154,42 @@ def detect_format(local_dir: str, uri: str | None = None) -> str:
     )
 
 
-def _safetensors_header(path: str) -> dict[str, Any]:
+def _not_safetensors(file_uri: str, why: str) -> BadInput:
+    return BadInput(f"model.weights_uri: {file_uri} is not a safetensors file ({why}); "
+                    "save the weights again with safetensors, or point model.weights_uri at other weights")
+
+
+def _header_bytes(path: str, file_uri: str) -> bytes:
+    """The JSON header of a .safetensors file: 8 bytes of its length (little-endian), then itself."""
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (length,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(length))
+        start = f.read(8)
+        if len(start) < 8:
+            raise _not_safetensors(file_uri, f"{size} bytes, too few for a header")
+        (length,) = struct.unpack("<Q", start)
+        if length > min(size - 8, _MAX_SAFETENSORS_HEADER):
+            raise _not_safetensors(file_uri, f"its header would be {length:,} bytes, in a file of {size:,}")
+        return f.read(length)
+
+
+def _tensor_shapes(path: str, file_uri: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """{tensor name: (dtype, shape)} as a .safetensors file's header declares them."""
+    try:
+        header = strict_json.loads(_header_bytes(path, file_uri).decode("utf-8"))
+    except (UnicodeDecodeError, strict_json.JSONError) as e:
+        raise _not_safetensors(file_uri, f"its header is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise _not_safetensors(file_uri, "its header is not a JSON object")
+    tensors = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        dtype, shape = (meta.get("dtype"), meta.get("shape")) if isinstance(meta, dict) else (None, None)
+        if not isinstance(dtype, str) or not isinstance(shape, list) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+            raise _not_safetensors(file_uri, f"tensor {name!r} has no dtype and shape")
+        tensors[name] = (dtype, tuple(shape))
+    return tensors
 
 
 def _check_safetensors(local_dir: str, config: gemma3.ModelConfig, uri: str) -> None:
@@ -166,15 +198,16 @@ def _check_safetensors(local_dir: str, config: gemma3.ModelConfig, uri: str) -> 
         raise BadInput(f"{uri}: no *.safetensors files there; model.weights_uri must name a Hugging Face model directory")
     found = {}
     for path in files:
-        header = {k: v for k, v in _safetensors_header(path).items() if k != "__metadata__"}
-        dtypes = {meta["dtype"] for meta in header.values()}
+        file_uri = io.join(uri, os.path.basename(path))
+        tensors = _tensor_shapes(path, file_uri)
+        dtypes = {dtype for dtype, _ in tensors.values()}
         if len(dtypes) != 1 or not dtypes <= _SAFETENSORS_DTYPES:
             raise BadInput(
-                f"{io.join(uri, os.path.basename(path))}: holds tensors of dtype {sorted(dtypes)}; the loader needs "
+                f"{file_uri}: holds tensors of dtype {sorted(dtypes)}; the loader needs "
                 f"one of {sorted(_SAFETENSORS_DTYPES)} per file; save the weights again in a single dtype"
             )
         # Multimodal checkpoints prefix the text model with "language_model."; the loader accepts both.
-        found.update({k.removeprefix("language_model."): str(tuple(meta["shape"])) for k, meta in header.items()})
+        found.update({k.removeprefix("language_model."): str(shape) for k, (_, shape) in tensors.items()})
     expected = {k: str(tuple(s.shape)) for k, s in _hf_shapes(config).items()}
     # Other extra tensors (lm_head, vision tower, rotary tables) are ones the loader skips.
     problems = _differences(found, expected, extra_matters=lambda k: k.startswith("model.layers."))

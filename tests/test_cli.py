@@ -285,6 +285,52 @@ def test_score_with_a_broken_predictions_line_exits_2(capsys, tmp_path):
     assert f"{predictions}:2" in errors(logs)
 
 
+def test_score_matches_numeric_prediction_ids_to_eval_ids(capsys, tmp_path):
+    evalset = tmp_path / "eval.jsonl"
+    evalset.write_text('{"id": 7, "prompt": "1 + 1?", "expected_answer": 2}\n'
+                       '{"id": "8", "prompt": "2 + 2?", "expected_answer": "4"}\n')
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text('{"id": "7", "output": "Answer: 2"}\n{"id": 8, "output": "Answer: 5"}\n')
+    code, out, _ = run(capsys, "score", "--eval", str(evalset), "--predictions", str(predictions))
+    assert code == 0
+    assert [(r["id"], r["strict"]) for r in map(json.loads, out.splitlines())] == [("7", True), ("8", False)]
+
+
+@pytest.mark.parametrize(
+    ("line", "says"),
+    [
+        ('{"id": "arith-002", "output": "\\ud800"}', "output: a string holds a lone UTF-16 surrogate"),
+        ('{"id": ' + "9" * 5000 + ', "output": "x"}', "id: a number of 5,000 characters"),
+        ('{"id": "arith-002", "output": "x", "output": "y"}', "duplicate key 'output'"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"id": "arith-002", "output": 1e999}', "output: the number 1e999 is beyond the range of a float"),
+        ('{"id": "arith-002", "output": 42}', "field 'output' must be a string"),
+    ],
+    ids=["surrogate", "huge-number", "duplicate-key", "deep-nesting", "huge-float", "output-not-text"],
+)
+def test_score_with_a_hostile_predictions_line_exits_2_naming_it(capsys, tmp_path, line, says):
+    predictions = tmp_path / "predictions.jsonl"
+    predictions.write_text('{"id": "arith-001", "output": "Answer: 2"}\n' + line + "\n")
+    code, out, logs = run(capsys, "score", "--eval", DEMO_EVAL, "--predictions", str(predictions))
+    assert code == 2 and out == ""
+    assert f"{predictions}:2: " in errors(logs) and says in errors(logs)
+    assert not any("traceback" in r for r in logs)
+
+
+def test_a_hostile_set_value_exits_2_naming_the_field_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    manifest = write_manifest(tmp_path, demo_data())
+    for value, says in [(b"run_id=a\xffb", "--set run_id: the text holds a lone UTF-16 surrogate"),  # not UTF-8
+                        (b"training.steps=" + b"9" * 5000, "--set training.steps: a number of 5,000 characters"),
+                        (b"eval.batch_size=1000000000", "eval.batch_size: too large")]:
+        done = subprocess.run([sys.executable, "-m", "job", "validate", "--manifest", manifest, "--set", value],
+                              capture_output=True, cwd=REPO, timeout=120)
+        stderr = done.stderr.decode("utf-8", "replace")
+        assert done.returncode == 2 and says in stderr and "Traceback" not in stderr, stderr[-2000:]
+
+
 # -------------------------------------------------------------------------------------- import
 
 

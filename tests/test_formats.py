@@ -18,7 +18,9 @@ from job.formats import (
     parse_eval_lines,
     parse_gemma_turns,
     parse_lines,
+    parse_prediction_lines,
 )
+from job.io import LongLine
 from backend_samples import TRACE_LINE, TUNIX_SFT_LINE, UNGAR_TRACE
 
 URI = "gs://bucket/data.jsonl"
@@ -392,6 +394,45 @@ def test_reject_raw_is_capped():
     assert reject.raw.endswith("x...[truncated]")
 
 
+# JSON that Python's json module reads and the job cannot use: each line is a reject naming why.
+HOSTILE_JSON = [
+    ('{"prompt": "a", "completion": "b", "prompt": "c"}', "duplicate key 'prompt'"),
+    ('{"prompt": "a", "completion": ' + "7" * 5000 + "}", "completion: a number of 5,000 characters"),
+    ('{"prompt": "a", "completion": "b", "id": ' + "1" * 4301 + "}", "id: a number of 4,301 characters"),
+    ('{"prompt": "a", "completion": 1e999}', "completion: the number 1e999 is beyond the range of a float"),
+    ('{"prompt": "a", "completion": NaN}', "completion: NaN is not a JSON number"),
+    ('{"prompt": "\\ud800", "completion": "b"}', "prompt: a string holds a lone UTF-16 surrogate (\\ud800)"),
+    ('{"prompt": "a", "completion": "b", "meta": {"\\udfff": 1}}', "meta: a key holds a lone UTF-16 surrogate"),
+    ('{"prompt": "a", "completion": "b", "meta": ' + "[" * 100 + "]" * 100 + "}", "nested too deeply"),
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+]
+
+
+@pytest.mark.parametrize(("line", "reason"), HOSTILE_JSON, ids=[f"hostile-{k}" for k in range(len(HOSTILE_JSON))])
+def test_json_the_job_cannot_use_is_a_reject_naming_why(line, reason):
+    records = parse(dumps(PROMPT_COMPLETION), line, dumps(PROMPT_COMPLETION), fmt="prompt_completion")
+    assert [(type(r), r.line) for r in records] == [(Example, 1), (Reject, 2), (Example, 3)]
+    assert reason in records[1].reason
+
+
+@pytest.mark.parametrize(("line", "reason"), HOSTILE_JSON, ids=[f"hostile-{k}" for k in range(len(HOSTILE_JSON))])
+def test_json_the_job_cannot_use_in_an_eval_line_is_bad_input(line, reason):
+    line = line.replace('"completion"', '"expected_answer"')
+    with pytest.raises(BadInput) as e:
+        parse_eval_lines(numbered(EVAL_LINES[0], line), URI)
+    assert str(e.value).startswith(f"{URI}:2: ") and reason.replace("completion", "expected_answer") in str(e.value)
+
+
+def test_a_long_line_from_the_reader_is_a_reject_with_its_start_and_size():
+    head = b'{"prompt": "' + b"x" * 20_000
+    records = list(parse_lines([(1, LongLine(head, 9 * 2**20)), (2, dumps(PROMPT_COMPLETION).encode())], URI))
+    assert [(type(r), r.line) for r in records] == [(Reject, 1), (Example, 2)]
+    assert records[0].reason.startswith(f"the line is {9 * 2**20:,} bytes long; records are limited to")
+    assert records[0].raw == head.decode()[:RAW_CAP] + "...[truncated]"
+    with pytest.raises(BadInput, match=f"^{URI}:2: the line is 9,437,184 bytes long"):
+        parse_eval_lines([(1, EVAL_LINES[0].encode()), (2, LongLine(head, 9 * 2**20))], URI)
+
+
 # --- BOM, blank lines, limit -----------------------------------------------------------------
 
 
@@ -483,6 +524,37 @@ def test_any_bad_eval_line_is_bad_input(bad_line, message):
 def test_an_empty_eval_set_is_bad_input():
     with pytest.raises(BadInput, match=f"^{URI} has no eval items"):
         parse_eval_lines(numbered("", " "), URI)
+
+
+# --- predictions -----------------------------------------------------------------------------
+
+
+def test_predictions_are_typed_where_read_and_numeric_ids_are_eval_ids():
+    lines = numbered(b"\xef\xbb\xbf" + b'{"id": "eval-001", "output": "Answer: 42"}', "",
+                     '{"id": 7, "output": ""}', '{"id": "8", "output": "x", "extra": 1}')
+    assert parse_prediction_lines(lines, URI) == [
+        {"id": "eval-001", "output": "Answer: 42"}, {"id": "7", "output": ""}, {"id": "8", "output": "x"}]
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "message"),
+    [
+        ("{oops", "invalid JSON: Expecting property name"),
+        ('[{"id": "a", "output": "b"}]', "a JSON array, not a JSONL object"),
+        ('{"output": "b"}', "field 'id' must be a string or a whole number, not null"),
+        ('{"id": true, "output": "b"}', "field 'id' must be a string or a whole number, not a boolean"),
+        ('{"id": 7.5, "output": "b"}', "field 'id' must be a string or a whole number, not a number"),
+        ('{"id": "a", "output": 42}', "field 'output' must be a string, not a number"),
+        ('{"id": "a", "output": "b", "output": "c"}', "duplicate key 'output'"),
+        ('{"id": ' + "9" * 5000 + ', "output": "b"}', "id: a number of 5,000 characters"),
+        ('{"id": "a", "output": "\\udc00"}', "output: a string holds a lone UTF-16 surrogate"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ],
+)
+def test_a_bad_prediction_line_is_bad_input_naming_it(bad_line, message):
+    with pytest.raises(BadInput) as e:
+        parse_prediction_lines(numbered('{"id": "a", "output": "b"}', bad_line), URI)
+    assert str(e.value).startswith(f"{URI}:2: ") and message in str(e.value)
 
 
 # --- reading from storage (needs job.io) -----------------------------------------------------

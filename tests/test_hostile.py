@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from small_tokenizers import train_tokenizer
 
 from job import cli
 
@@ -38,6 +39,7 @@ class Inputs:
     data_name: str = "data.jsonl"
     raw_manifest: bytes | None = None  # written instead of the manifest dict
     raw_data: bytes | None = None  # written instead of the dataset lines
+    files: dict[str, bytes] = dataclasses.field(default_factory=dict)  # more files beside the manifest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +80,23 @@ def _drop(section: str) -> Callable[[Inputs], None]:
 
 def _raw_manifest(raw: bytes) -> Callable[[Inputs], None]:
     return lambda i: setattr(i, "raw_manifest", raw)
+
+
+def _manifest_text(old: str, new: str) -> Callable[[Inputs], None]:
+    """The manifest written as text with `old` replaced by `new`: JSON no dict can hold."""
+    def change(i: Inputs) -> None:
+        text = json.dumps(i.manifest)
+        assert old in text
+        i.raw_manifest = text.replace(old, new, 1).encode()
+    return change
+
+
+def _file(field: str, name: str, make: Callable[[], bytes]) -> Callable[[Inputs], None]:
+    """A file beside the manifest that `field` names."""
+    def change(i: Inputs) -> None:
+        i.files[name] = make()
+        _set(field, name)(i)
+    return change
 
 
 def _raw_data(raw: bytes | Callable[[Inputs], bytes]) -> Callable[[Inputs], None]:
@@ -131,7 +150,7 @@ CASES = [
     Case("zero-steps", "manifest", "zero steps", "error", "training.steps: too small", _set("training.steps", 0)),
     Case("absurd-steps", "manifest", "10^12 steps", "error", "training.steps: too large", _set("training.steps", 10**12)),
     Case("absurd-batch", "manifest", "a batch of 10^9 examples", "error", "training.batch_size: too large", _set("training.batch_size", 10**9)),
-    Case("nan-learning-rate", "manifest", "`NaN` as the learning rate", "error", "training.learning_rate: not a finite number", _set("training.learning_rate", float("nan"))),
+    Case("nan-learning-rate", "manifest", "`NaN` as the learning rate", "error", "training.learning_rate: NaN is not a JSON number", _set("training.learning_rate", float("nan"))),
     Case("warmup-beyond-steps", "manifest", "more warm-up steps than steps", "error", "training.warmup_steps: more than training.steps", _set("training.warmup_steps", 1000)),
     Case("negative-seed", "manifest", "a negative seed", "error", "seed: too small", _set("seed", -1)),
     Case("bad-enum", "manifest", "an unknown dataset format", "error", "dataset.format: not an allowed value", _set("dataset.format", "csv")),
@@ -148,6 +167,19 @@ CASES = [
     Case("manifest-empty", "manifest", "an empty manifest file", "error", "manifest.json:1:1: not valid JSON", _raw_manifest(b"")),
     Case("manifest-not-utf8", "manifest", "a manifest that is not UTF-8", "error", "manifest.json: not UTF-8 text", _raw_manifest(b'{"run_id": "\xff"}')),
     Case("manifest-deep-nesting", "manifest", "a manifest nested 100,000 levels deep", "error", "manifest.json: nested too deeply", _raw_manifest(b"[" * 100_000 + b"]" * 100_000)),
+    Case("manifest-duplicate-key", "manifest", "a key given twice (`training.steps`; the later one would silently win)", "error", "manifest.json: duplicate key 'training.steps'", _manifest_text('"training": {', '"training": {"steps": 5, ')),
+    Case("manifest-huge-integer", "manifest", "a number of 5,000 digits (`training.steps`)", "error", "training.steps: a number of 5,000 characters", _manifest_text('"steps": 350', '"steps": ' + "9" * 5000)),
+    Case("manifest-huge-float", "manifest", "`1e999` as the learning rate (inf as a float)", "error", "training.learning_rate: the number 1e999 is beyond the range of a float", _manifest_text('"learning_rate": 0.005', '"learning_rate": 1e999')),
+    Case("manifest-lone-surrogate", "manifest", 'a lone UTF-16 surrogate escape (`"\\ud800"`) as the `run_id`', "error", "run_id: a string holds a lone UTF-16 surrogate", _manifest_text('"run_id": "local-tiny"', '"run_id": "\\ud800"')),
+    Case("manifest-too-big", "manifest", "a 2 MB manifest", "error", "bytes is no run manifest", _raw_manifest(json.dumps({"//": "x" * 2_000_000}).encode()), where="manifest.json: 2,000,010 bytes"),
+    Case("absurd-eval-batch", "manifest", "an eval batch of 10^9 prompts", "error", "eval.batch_size: too large", _set("eval.batch_size", 10**9)),
+    Case("absurd-holdout", "manifest", "10^9 held-out examples", "error", "dataset.holdout: too large", _set("dataset.holdout", 10**9)),
+    Case("absurd-grad-accum", "manifest", "10^9 accumulated micro-batches", "error", "training.grad_accum_steps: too large", _set("training.grad_accum_steps", 10**9)),
+    Case("absurd-weight-decay", "manifest", "a weight decay of 10^6", "error", "training.weight_decay: too large", _set("training.weight_decay", 10**6)),
+    Case("marker-in-step-instruction", "manifest", "`<end_of_turn>` in `template.step_instruction`", "error", "template.step_instruction: holds the reserved marker '<end_of_turn>'", _set("template.step_instruction", "Show steps.<end_of_turn>")),
+    Case("marker-in-system-instruction", "manifest", "`<start_of_turn>` in `template.system_instruction`", "error", "template.system_instruction: holds the reserved marker '<start_of_turn>'", _set("template.system_instruction", "<start_of_turn>user\nBe brief.")),
+    Case("tokenizer-garbage", "manifest", "a file that is not a SentencePiece model as `model.tokenizer_uri`", "error", "is not a SentencePiece model", _file("model.tokenizer_uri", "garbage.model", lambda: b"\x00garbage" * 100), where="model.tokenizer_uri: "),
+    Case("tokenizer-not-gemma", "manifest", "a SentencePiece model without Gemma's ids (no pad, bos 1, eos 2)", "error", "is not a Gemma tokenizer: it has pad id -1", _file("model.tokenizer_uri", "plain.model", lambda: train_tokenizer(user_defined_symbols="<start_of_turn>,<end_of_turn>")), where="model.tokenizer_uri: "),
     Case("seq-len-nothing-fits", "manifest", "a `max_seq_len` no example fits", "error", "records rejected", _set("training.max_seq_len", 16), where="data.jsonl"),
     Case("missing-dataset", "manifest", "a dataset URI that does not exist", "error", "nowhere.jsonl: not found", _set("dataset.uri", "nowhere.jsonl")),
     # --- the dataset -------------------------------------------------------------------------------
@@ -156,6 +188,11 @@ CASES = [
     Case("json-scalar-line", "dataset", "a bare string on a line", "reject", "a string, not a JSONL object", _line("hello")),
     Case("invalid-utf8", "dataset", "invalid UTF-8 bytes in a line", "reject", "invalid UTF-8", _line(b'{"id": "\xff\xfe"}')),
     Case("deep-nesting-line", "dataset", "a line nested 100,000 levels deep", "reject", "nested too deeply", _line(b"[" * 100_000 + b"]" * 100_000)),
+    Case("duplicate-key-line", "dataset", "a key given twice in a record", "reject", "duplicate key 'final_answer'", _line(b'{"id": "d", "prompts": "q", "trace_steps": ["a"], "final_answer": "4", "final_answer": "5"}')),
+    Case("huge-integer-line", "dataset", "a number of 5,000 digits in a record", "reject", "final_answer: a number of 5,000 characters", _line(b'{"id": "n", "prompts": "q", "trace_steps": ["a"], "final_answer": ' + b"9" * 5000 + b"}")),
+    Case("huge-float-line", "dataset", "`1e999` in a record", "reject", "final_answer: the number 1e999 is beyond the range of a float", _line(b'{"id": "f", "prompts": "q", "trace_steps": ["a"], "final_answer": 1e999}')),
+    Case("nan-line", "dataset", "`NaN` in a record", "reject", "NaN is not a JSON number", _line(b'{"id": "n", "prompts": "q", "trace_steps": ["a"], "final_answer": "4", "meta": NaN}')),
+    Case("lone-surrogate-line", "dataset", 'a lone UTF-16 surrogate escape (`"\\ud800"`) in a record', "reject", "prompts: a string holds a lone UTF-16 surrogate", _line(b'{"id": "s", "prompts": "q\\ud800", "trace_steps": ["a"], "final_answer": "4"}')),
     Case("empty-answer", "dataset", "an empty final answer", "reject", "field 'final_answer' is empty", _line(_trace(final_answer=""))),
     Case("blank-prompt", "dataset", "a prompt of spaces", "reject", "field 'prompts' is empty", _line(_trace(prompts="   "))),
     Case("missing-field", "dataset", "a record without its answer", "reject", "missing field 'final_answer'", _line(_trace(final_answer=None))),
@@ -183,6 +220,10 @@ CASES = [
     Case("eval-bad-line", "eval set", "a malformed eval line", "error", "eval.jsonl:2: invalid JSON", _eval_lines(b'{"id": "a", "prompt": "p", "expected_answer": "1"}', b"{oops")),
     Case("eval-duplicate-id", "eval set", "duplicate eval ids", "error", "duplicate eval item id 'a'", _eval_lines(b'{"id": "a", "prompt": "p", "expected_answer": "1"}', b'{"id": "a", "prompt": "q", "expected_answer": "2"}')),
     Case("eval-marker", "eval set", "a turn marker in an eval prompt", "error", "reserved marker", _eval_lines(b'{"id": "a", "prompt": "p<end_of_turn>", "expected_answer": "1"}')),
+    Case("eval-huge-number", "eval set", "an expected answer of 5,000 digits", "error", "eval.jsonl:1: expected_answer: a number of 5,000 characters", _eval_lines(b'{"id": "a", "prompt": "p", "expected_answer": ' + b"7" * 5000 + b"}")),
+    Case("eval-lone-surrogate", "eval set", 'a lone UTF-16 surrogate escape (`"\\udc00"`) in an eval prompt', "error", "eval.jsonl:1: prompt: a string holds a lone UTF-16 surrogate", _eval_lines(b'{"id": "a", "prompt": "p\\udc00", "expected_answer": "1"}')),
+    Case("eval-duplicate-key", "eval set", "a key given twice in an eval line", "error", "eval.jsonl:1: duplicate key 'prompt'", _eval_lines(b'{"id": "a", "prompt": "p", "prompt": "q", "expected_answer": "1"}')),
+    Case("eval-deep-nesting", "eval set", "an eval line nested 100,000 levels deep", "error", "eval.jsonl:1: nested too deeply", _eval_lines(b"[" * 100_000 + b"]" * 100_000)),
 ]
 
 
@@ -204,6 +245,8 @@ def _write(tmp_path: Path, i: Inputs) -> str:
     manifest.write_bytes(i.raw_manifest if i.raw_manifest is not None else json.dumps(i.manifest).encode())
     (tmp_path / i.data_name).write_bytes(i.raw_data if i.raw_data is not None else b"".join(x + b"\n" for x in i.data))
     (tmp_path / "eval.jsonl").write_bytes(b"".join(x + b"\n" for x in i.eval))
+    for name, content in i.files.items():
+        (tmp_path / name).write_bytes(content)
     return str(manifest)
 
 
@@ -265,7 +308,12 @@ JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_
 KEYS = st.sampled_from(["id", "prompts", "trace_steps", "final_answer", "prompt", "response", "completion",
                         "messages", "steps", "trace_version", "meta", "role", "content", "i", "type"])
 RECORD = st.dictionaries(KEYS, JSON | st.text(max_size=30), max_size=6)
-LINE = st.one_of(st.binary(max_size=80), RECORD.map(lambda r: json.dumps(r).encode()))
+# JSON Python's json module reads and the job cannot use, spliced into a record under some key.
+HOSTILE_JSON = st.sampled_from(["9" * 5000, "-" + "1" * 500, "1e999", "NaN", "-Infinity", '"\\ud800"',
+                                '"a\\udfff"', "[" * 5000 + "]" * 5000, '{"k": 1, "k": 2}', "0." + "5" * 200])
+HOSTILE_RECORD = st.tuples(RECORD, KEYS, HOSTILE_JSON).map(
+    lambda t: (json.dumps(t[0])[:-1] + (", " if t[0] else "") + f'"{t[1]}": {t[2]}}}').encode())
+LINE = st.one_of(st.binary(max_size=80), RECORD.map(lambda r: json.dumps(r).encode()), HOSTILE_RECORD)
 
 
 @settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -294,7 +342,11 @@ def test_eval_lines_give_items_or_a_bad_input_naming_the_file(lines):
 
 MANIFEST_FIELDS = ["run_id", "seed", "dataset.uri", "dataset.limit", "dataset.holdout", "dataset.format",
                    "training.steps", "training.batch_size", "training.max_seq_len", "training.learning_rate",
-                   "training.lora", "eval.max_new_tokens", "output.uri", "model.preset", "template.recipe"]
+                   "training.lora", "eval.max_new_tokens", "output.uri", "model.preset", "template.recipe",
+                   "template.step_instruction", "template.system_instruction", "training.warmup_steps",
+                   "training.grad_accum_steps", "training.weight_decay", "training.eval_every_steps",
+                   "training.log_every_steps", "training.checkpoint_every_steps", "eval.limit", "eval.batch_size",
+                   "model.tokenizer_uri", "training.mesh"]
 
 
 @settings(max_examples=200, deadline=None)

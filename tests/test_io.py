@@ -13,6 +13,8 @@ import threading
 import uuid
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from job import io
 from job.errors import BadInput
@@ -75,6 +77,162 @@ def test_iter_lines_keeps_lone_carriage_returns(tmp_path):
     path = tmp_path / "cr.txt"
     path.write_bytes(b"a\r\r\nb\rc\n")
     assert list(io.iter_lines(str(path))) == [(1, b"a\r"), (2, b"b\rc")]
+
+
+class _Trickle:
+    """A stream that hands out at most `step` bytes per read: every way a line can straddle chunks."""
+
+    def __init__(self, data: bytes, step: int):
+        self.data, self.step, self.at = data, step, 0
+
+    def read(self, n: int) -> bytes:
+        piece = self.data[self.at:self.at + min(n, self.step)]
+        self.at += len(piece)
+        return piece
+
+
+def _expected_lines(content: bytes, max_bytes: int) -> list:
+    """What iter_lines must give for `content`: lines without "\\n"/"\\r\\n", long ones as their size."""
+    pieces = content.split(b"\n")
+    if pieces[-1] == b"":
+        pieces.pop()
+    ended = content.endswith(b"\n")
+    expected = []
+    for k, piece in enumerate(pieces):
+        if (k < len(pieces) - 1 or ended) and piece.endswith(b"\r"):
+            piece = piece[:-1]
+        expected.append(piece if len(piece) <= max_bytes else ("long", len(piece), piece[:io.LONG_LINE_HEAD]))
+    return expected
+
+
+def _seen(line) -> object:
+    return ("long", line.size, line.head) if isinstance(line, io.LongLine) else line
+
+
+LINES = st.lists(st.tuples(st.binary(max_size=30).map(lambda b: b.replace(b"\n", b"")), st.sampled_from([b"\n", b"\r\n", b"\r"])),
+                 max_size=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(LINES, st.booleans(), st.integers(1, 9), st.integers(0, 20))
+def test_split_lines_matches_a_plain_split_for_any_chunking(lines, ended, step, max_bytes):
+    content = b"".join(text + end for text, end in lines)
+    if not ended and content.endswith(b"\n"):
+        content += b"tail"
+    digest = hashlib.sha256()
+    got = list(io._split_lines(_Trickle(content, step), max_bytes, io._Digest(digest)))
+    assert [_seen(line) for line in got] == _expected_lines(content, max_bytes)
+    assert digest.hexdigest() == hashlib.sha256(content).hexdigest()
+
+
+@pytest.mark.parametrize("name", ["d.jsonl", "d.jsonl.gz"])
+def test_a_line_over_the_limit_comes_as_its_start_and_size_and_numbering_goes_on(store, name):
+    long = b'{"id": "x", "text": "' + b"y" * 5000 + b'"}'
+    content = b'{"a": 1}\n' + long + b"\r\n" + b"z" * 101 + b"\n" + b"z" * 100 + b"\r\n" + b'{"b": 2}'
+    uri = io.join(store, name)
+    io.write_bytes(uri, gzip.compress(content) if name.endswith(".gz") else content)
+    digest = hashlib.sha256()
+    got = list(io.iter_lines(uri, digest, max_line_bytes=100))
+    assert got == [(1, b'{"a": 1}'), (2, io.LongLine(long[:io.LONG_LINE_HEAD], len(long))),
+                   (3, io.LongLine(b"z" * 101, 101)), (4, b"z" * 100), (5, b'{"b": 2}')]
+    assert digest.hexdigest() == hashlib.sha256(content).hexdigest()
+
+
+class _BreaksAt:
+    """A file opened for reading that fails with a connection reset after `limit` bytes (None: never)."""
+
+    def __init__(self, stream, limit: int | None):
+        self.stream, self.limit, self.given = stream, limit, 0
+
+    def read(self, n: int) -> bytes:
+        if self.limit is not None:
+            if self.given >= self.limit:
+                raise ConnectionResetError("reset by peer")
+            n = min(n, self.limit - self.given)
+        chunk = self.stream.read(n)
+        self.given += len(chunk)
+        return chunk
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stream.close()
+
+
+def test_a_stream_broken_inside_a_long_line_is_hashed_once(tmp_path, monkeypatch):
+    content = b"short\n" + b"L" * 3000 + b"\nafter\n"
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(content)
+    opened = []
+    real_open = io._open_read
+
+    def open_read(fs, p):
+        opened.append(p)
+        return _BreaksAt(real_open(fs, p), 2000 if len(opened) == 1 else None)  # inside the long line
+
+    monkeypatch.setattr(io, "_open_read", open_read)
+    monkeypatch.setattr(io.time, "sleep", lambda s: None)
+    monkeypatch.setattr(io, "_CHUNK", 512)
+    digest = hashlib.sha256()
+    got = list(io.iter_lines(str(path), digest, max_line_bytes=1000))
+    assert len(opened) == 2
+    assert got == [(1, b"short"), (2, io.LongLine(b"L" * 3000, 3000)), (3, b"after")]
+    assert digest.hexdigest() == hashlib.sha256(content).hexdigest()
+
+
+# Reads a file holding a 100 MiB and a 300 MiB line among short ones, through the line reader and
+# the dataset reader, and reports the peak RSS growth while doing it (the peak reset after imports).
+# (VmHWM, not getrusage's ru_maxrss: that one also holds the peak of the process that forked the probe.)
+_LONG_LINES_PROBE = r"""
+import json, sys, time
+from job import formats, io
+
+def peak():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM"))
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak becomes the current RSS
+    return peak()
+
+path = sys.argv[1]
+base = reset_peak()
+started = time.perf_counter()
+lines = [(n, line.size if isinstance(line, io.LongLine) else len(line)) for n, line in io.iter_lines(path)]
+records = [(r.line, getattr(r, "reason", None), len(getattr(r, "raw", ""))) for r in formats.read_examples(path, "trace")]
+print(json.dumps({"growth": peak() - base, "seconds": time.perf_counter() - started,
+                  "lines": lines, "records": records}))
+"""
+
+
+def test_long_lines_are_rejected_in_bounded_memory(tmp_path, capsys):
+    short = json.dumps({"id": "s", "prompts": "What is 2 + 2?", "trace_steps": ["2 + 2 = 4"], "final_answer": "4"})
+    path = tmp_path / "long.jsonl"
+    sizes = {2: 100 * 2**20, 4: 300 * 2**20}
+    with open(path, "wb") as f:  # the long lines' middles are holes: written in no time, read as zeros
+        for number in range(1, 6):
+            if number in sizes:
+                start = b'{"id": "long", "prompts": "'
+                f.write(start)
+                f.seek(sizes[number] - len(start) - 2, os.SEEK_CUR)
+                f.write(b'"}\n')
+            else:
+                f.write(short.encode() + b"\n")
+    probe = subprocess.run([sys.executable, "-c", _LONG_LINES_PROBE, str(path)], capture_output=True, text=True,
+                           timeout=120, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert probe.returncode == 0, probe.stderr
+    seen = json.loads(probe.stdout)
+    with capsys.disabled():
+        print(f"\nread 400 MiB with a 100 MiB and a 300 MiB line twice in {seen['seconds']:.1f} s; "
+              f"peak RSS growth {seen['growth'] / 2**20:.1f} MiB")
+    assert seen["lines"] == [[1, len(short)], [2, sizes[2]], [3, len(short)], [4, sizes[4]], [5, len(short)]]
+    rejects = {line: (reason, raw) for line, reason, raw in seen["records"] if reason}
+    assert sorted(rejects) == [2, 4] and [line for line, _, _ in seen["records"]] == [1, 2, 3, 4, 5]
+    assert f"the line is {sizes[4]:,} bytes long" in rejects[4][0]
+    assert 0 < rejects[4][1] <= 10_000 + len("...[truncated]")
+    assert seen["growth"] <= 32 * 2**20
 
 
 def test_truncated_gzip_is_bad_input(store):

@@ -7,6 +7,9 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import BaseModel
 
 from job import io
 from job.errors import BadInput
@@ -284,3 +287,156 @@ EXAMPLES = sorted(p for p in (Path(__file__).resolve().parent.parent / "manifest
 def test_every_example_manifest_is_valid(path):
     m = load_manifest(str(path))
     assert m.output.uri and m.dataset.uri and m.eval.uri
+
+
+# ------------------------------------------------------------------------------- bounds and reading
+
+# Every numeric field has an upper bound: (field, the first value past it).
+PAST_THE_BOUND = [
+    ("dataset.limit", 10**9 + 1), ("dataset.holdout", 100_001), ("training.steps", 10_000_001),
+    ("training.batch_size", 65537), ("training.max_seq_len", 131073), ("training.learning_rate", 1.5),
+    ("training.warmup_steps", 10_000_001), ("training.weight_decay", 1.01), ("training.grad_accum_steps", 1025),
+    ("training.max_grad_norm", 10_001), ("training.log_every_steps", 10_000_001),
+    ("training.eval_every_steps", 10_000_001), ("training.checkpoint_every_steps", 10_000_001),
+    ("training.lora.rank", 1025), ("training.lora.alpha", 10_001), ("training.mesh.fsdp", 65537),
+    ("training.mesh.tp", 65537), ("eval.limit", 1_000_001), ("eval.max_new_tokens", 8193),
+    ("eval.batch_size", 1025), ("eval.max_prompt_len", 131073), ("seed", 2**32),
+    ("dataset.max_reject_fraction", 1.5),
+]
+
+
+def _numeric_fields(model=Manifest, prefix="") -> set[str]:
+    found = set()
+    for name, field in model.model_fields.items():
+        kinds = [field.annotation, *getattr(field.annotation, "__args__", ())]
+        if any(kind in (int, float) for kind in kinds):
+            found.add(prefix + name)
+        for kind in kinds:
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                found |= _numeric_fields(kind, f"{prefix}{name}.")
+    return found
+
+
+def test_every_numeric_field_is_in_the_bounds_table():
+    assert {field for field, _ in PAST_THE_BOUND} == _numeric_fields() - {"schema_version"}
+
+
+def _with(field: str, value) -> dict:
+    data = minimal()
+    node = data
+    *parents, last = field.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return data
+
+
+@pytest.mark.parametrize(("field", "value"), PAST_THE_BOUND, ids=[f for f, _ in PAST_THE_BOUND])
+def test_a_value_past_a_bound_names_the_field(field, value):
+    (line,) = problems(_with(field, value))
+    assert line.startswith(f"{field}: too large")
+
+
+@pytest.mark.parametrize("field", ["template.system_instruction", "template.step_instruction"])
+@pytest.mark.parametrize("marker", ["<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<pad>"])
+def test_a_gemma_marker_in_an_instruction_is_a_manifest_error(field, marker):
+    (line,) = problems(_with(field, f"Show your steps.{marker}model"))
+    assert line.startswith(f"{field}: holds the reserved marker {marker!r}")
+
+
+def test_strings_are_bounded_too():
+    (line,) = problems(_with("template.system_instruction", "x" * 20_001))
+    assert line.startswith("template.system_instruction: too long") and "at most 20000 characters" in line
+    (line,) = problems(_with("dataset.uri", "gs://b/" + "x" * 5000))
+    assert line.startswith("dataset.uri: too long")
+
+
+# (manifest text, a piece of the message): the manifest file itself read strictly.
+BAD_MANIFEST_TEXT = [
+    ('{"dataset": {"uri": "a"}, "dataset": {"uri": "b"}}', "duplicate key 'dataset'"),
+    ('{"training": {"steps": 5, "steps": 6}}', "duplicate key 'training.steps'"),
+    ('{"training": {"steps": ' + "1" * 5000 + "}}", "training.steps: a number of 5,000 characters"),
+    ('{"training": {"learning_rate": 1e999}}', "training.learning_rate: the number 1e999 is beyond the range"),
+    ('{"training": {"learning_rate": NaN}}', "training.learning_rate: NaN is not a JSON number"),
+    ('{"run_id": "\\ud800"}', "run_id: a string holds a lone UTF-16 surrogate"),
+    ('{"x": ' + "[" * 100 + "]" * 100 + "}", "nested too deeply"),
+]
+
+
+@pytest.mark.parametrize(("text", "says"), BAD_MANIFEST_TEXT, ids=[f"text-{k}" for k in range(len(BAD_MANIFEST_TEXT))])
+def test_the_manifest_file_is_read_strictly(tmp_path, text, says):
+    path = tmp_path / "m.json"
+    path.write_text(text)
+    with pytest.raises(BadInput) as caught:
+        load_manifest(str(path))
+    assert str(caught.value).startswith(f"{path}: ") and says in str(caught.value)
+
+
+def test_repeated_comment_keys_are_comments(tmp_path):
+    path = tmp_path / "m.json"
+    path.write_text('{"//": "one", "//": "two", ' + json.dumps(minimal())[1:])
+    assert load_manifest(str(path)).dataset.uri == "gs://b/train.jsonl"
+
+
+def test_a_file_too_big_to_be_a_manifest_is_not_read(tmp_path):
+    path = tmp_path / "m.json"
+    with open(path, "wb") as f:
+        f.seek(2**20)
+        f.write(b"}")
+    with pytest.raises(BadInput, match=rf"^{path}: 1,048,577 bytes is no run manifest"):
+        load_manifest(str(path))
+
+
+@pytest.mark.parametrize(
+    ("override", "says"),
+    [
+        ("training.steps=" + "9" * 5000, "--set training.steps: a number of 5,000 characters"),
+        ("training.learning_rate=1e999", "--set training.learning_rate: the number 1e999 is beyond the range"),
+        ("training.learning_rate=NaN", "--set training.learning_rate: NaN is not a JSON number"),
+        ('training.lora={"rank": 2, "rank": 4}', "--set training.lora: duplicate key 'rank'"),
+        ('run_id="\\ud800"', "--set run_id: a string holds a lone UTF-16 surrogate"),
+        ("run_id=a\udcffb", "--set run_id: the text holds a lone UTF-16 surrogate (\\udcff)"),  # argv not UTF-8
+        ("template.system_instruction=" + "[" * 100_000, "--set template.system_instruction: nested too deeply"),
+        ("eval.batch_size=1000000000", "eval.batch_size: too large"),
+        ("trai\udcffning.steps=1", "override 'trai\\udcffning.steps=1': expected field.path=value"),
+    ],
+)
+def test_set_values_are_read_strictly(override, says):
+    with pytest.raises(BadInput) as caught:
+        parse_manifest(minimal(), overrides=[override])
+    assert says in str(caught.value)
+
+
+# --------------------------------------------------------------------------------- properties
+
+HOSTILE_VALUES = st.sampled_from(["9" * 5000, "1e999", "NaN", "-Infinity", '"\\ud800"', "[" * 3000 + "]" * 3000,
+                                  '{"a": 1, "a": 2}', "0." + "1" * 500, "10" + "0" * 99])
+VALUE_TEXT = st.one_of(HOSTILE_VALUES, st.text(max_size=30),
+                       st.recursive(st.integers() | st.floats() | st.text(max_size=8) | st.none(),
+                                    lambda inner: st.lists(inner, max_size=3), max_leaves=6).map(json.dumps))
+FIELDS = st.sampled_from(["training.steps", "training.learning_rate", "eval.batch_size", "dataset.holdout",
+                          "template.step_instruction", "run_id", "training.lora", "training.mesh.tp", "seed"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(FIELDS, VALUE_TEXT)
+def test_any_set_value_gives_a_manifest_or_a_bad_input_naming_the_field(field, text):
+    try:
+        m = parse_manifest(minimal(), overrides=[f"{field}={text}"])
+    except BadInput as e:
+        assert field in str(e) or field.rsplit(".", 1)[0] in str(e), str(e)
+    else:
+        json.dumps(m.model_dump(mode="json")).encode("utf-8")
+
+
+@settings(max_examples=100, deadline=None)
+@given(FIELDS, VALUE_TEXT)
+def test_any_value_in_a_manifest_file_gives_a_manifest_or_a_bad_input(tmp_path_factory, field, text):
+    path = tmp_path_factory.mktemp("m") / "m.json"
+    section, _, name = field.partition(".")
+    body = f'"{section}": {text}' if not name else f'"{section}": {{"{name.split(".")[0]}": {text}}}'
+    path.write_text("{" + json.dumps(minimal())[1:-1] + ", " + body + "}", encoding="utf-8", errors="surrogatepass")
+    try:
+        assert isinstance(load_manifest(str(path)), Manifest)
+    except BadInput as e:
+        assert str(e).startswith(str(path))

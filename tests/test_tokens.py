@@ -3,17 +3,17 @@ train.model_inputs builds from a batch, and evaluate.prompt_bucket."""
 
 from __future__ import annotations
 
-import io as pyio
-
 import numpy as np
 import pytest
-import sentencepiece as spm
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from small_tokenizers import train_tokenizer
 
 from job import io
 from job.errors import BadInput
 from job.formats import Example, Turn
 from job.template import render_example
-from job.tokens import TokenizedExample, batches, load_tokenizer, make_batch, pack, tokenize
+from job.tokens import TokenizedExample, batches, load_tokenizer, make_batch, pack, tokenize, tokenizer_bytes
 
 
 @pytest.fixture(scope="module")
@@ -66,27 +66,66 @@ def test_tokenizer_uri_that_is_not_sentencepiece_is_bad_input(tmp_path):
     assert str(path) in str(caught.value)
 
 
-def _train_spm(**options) -> bytes:
-    model = pyio.BytesIO()
-    corpus = ["hello world", "the quick brown fox", "jumps over the lazy dog"] * 30
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=40,
-                                   model_type="char", minloglevel=2, **options)
-    return model.getvalue()
-
-
 def test_tokenizer_without_turn_markers_is_bad_input(tmp_path):
     uri = str(tmp_path / "plain.model")
-    io.write_bytes(uri, _train_spm(pad_id=0, eos_id=1, bos_id=2, unk_id=3))
+    io.write_bytes(uri, train_tokenizer(pad_id=0, eos_id=1, bos_id=2, unk_id=3))
     with pytest.raises(BadInput, match="no single token for <start_of_turn>"):
         load_tokenizer(uri)
 
 
 def test_tokenizer_with_another_pad_id_is_bad_input(tmp_path):
     uri = str(tmp_path / "padded.model")
-    io.write_bytes(uri, _train_spm(unk_id=0, eos_id=1, bos_id=2, pad_id=3,
+    io.write_bytes(uri, train_tokenizer(unk_id=0, eos_id=1, bos_id=2, pad_id=3,
                                    user_defined_symbols="<start_of_turn>,<end_of_turn>"))
     with pytest.raises(BadInput, match="pad id 3"):
         load_tokenizer(uri)
+
+
+MARKERS = "<start_of_turn>,<end_of_turn>"
+
+
+@pytest.mark.parametrize(
+    ("options", "lacks"),
+    [
+        ({}, "pad id -1 where Gemma's is 0; eos id 2 where Gemma's is 1; bos id 1 where Gemma's is 2"),
+        ({"pad_id": 0, "eos_id": 1, "bos_id": -1, "unk_id": 2}, "bos id -1 where Gemma's is 2"),
+        ({"pad_id": 0, "eos_id": -1, "bos_id": 2, "unk_id": 1}, "eos id -1 where Gemma's is 1"),
+        ({"pad_id": 0, "eos_id": 2, "bos_id": 1, "unk_id": 3}, "eos id 2 where Gemma's is 1; bos id 1 where"),
+        ({"pad_id": -1, "eos_id": 1, "bos_id": 2, "unk_id": 0}, "pad id -1 where Gemma's is 0"),
+        ({"pad_id": 0, "eos_id": 1, "bos_id": 2, "unk_id": 3, "user_defined_symbols": "<start_of_turn>"},
+         "no single token for <end_of_turn>"),
+    ],
+    ids=["trainer-defaults", "no-bos", "no-eos", "bos-eos-swapped", "no-pad", "no-end-of-turn"],
+)
+def test_a_tokenizer_without_every_id_the_job_relies_on_is_bad_input(tmp_path, options, lacks):
+    uri = str(tmp_path / "t.model")
+    io.write_bytes(uri, train_tokenizer(**{"user_defined_symbols": MARKERS, **options}))
+    with pytest.raises(BadInput) as caught:
+        load_tokenizer(uri)
+    message = str(caught.value)
+    assert message.startswith(f"model.tokenizer_uri: {uri} is not a Gemma tokenizer: it has ")
+    assert lacks in message and "use the Gemma tokenizer" in message
+
+
+SHIPPED = tokenizer_bytes(None)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=200) | st.integers(0, len(SHIPPED) - 1).map(lambda n: SHIPPED[:n]))
+def test_garbage_or_a_cut_tokenizer_is_bad_input(tmp_path_factory, data):
+    uri = str(tmp_path_factory.mktemp("tok") / "t.model")
+    io.write_bytes(uri, data)
+    with pytest.raises(BadInput, match=f"^model.tokenizer_uri: {uri} "):
+        load_tokenizer(uri)
+
+
+def test_a_file_too_big_for_a_tokenizer_is_not_read(tmp_path):
+    path = tmp_path / "huge.model"
+    with open(path, "wb") as f:
+        f.seek(64 * 2**20)
+        f.write(b"x")
+    with pytest.raises(BadInput, match=r"model.tokenizer_uri: .* is 67,108,865 bytes, not a SentencePiece model"):
+        load_tokenizer(str(path))
 
 
 # ---------------------------------------------------------------------------------- tokenize()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import struct
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +16,13 @@ import safetensors.numpy
 from flax import nnx
 from gemma_upstream import save_upstream
 from hf_export import export_safetensors
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from job import io, model, weights
 from job.errors import BadInput
+from job.manifest import ModelSpec
+from job.model import FINAL_FORMAT
 
 LORA_TARGETS = ".*q_einsum|.*kv_einsum|.*attn_vec_einsum|.*gate_proj|.*up_proj|.*down_proj"
 
@@ -278,3 +283,83 @@ def test_params_checkpoint_is_not_taken_for_google_weights(tiny, config, tmp_pat
     assert weights.detect_format(uri) == "orbax"
     with pytest.raises(BadInput, match=f"{uri}: not a Gemma 3 Orbax checkpoint in Google's layout"):
         weights.load_pretrained(config, uri, "auto", "float32", str(tmp_path / "cache"))
+
+
+# ------------------------------------------------------------------- files that are not weights
+
+
+def _safetensors(header: bytes, length: int | None = None, rest: bytes = b"") -> bytes:
+    return struct.pack("<Q", len(header) if length is None else length) + header + rest
+
+
+NOT_SAFETENSORS = [
+    (b"", "0 bytes, too few for a header"),
+    (b"\xff" * 7, "7 bytes, too few for a header"),
+    (b"\xff" * 8 + b"xx", "its header would be 18,446,744,073,709,551,615 bytes, in a file of 10"),
+    (_safetensors(b"{}", length=10**9), "its header would be 1,000,000,000 bytes"),
+    (_safetensors(b"\xff\xfe{}"), "its header is not JSON"),
+    (_safetensors(b'{"a": '), "its header is not JSON"),
+    (_safetensors(b"[1, 2]"), "its header is not a JSON object"),
+    (_safetensors(b'{"a": {"dtype": "F32"}}'), "tensor 'a' has no dtype and shape"),
+    (_safetensors(b'{"a": {"dtype": "F32", "shape": [2, -1]}}'), "tensor 'a' has no dtype and shape"),
+    (_safetensors(b'{"a": {"dtype": 5, "shape": [2]}}'), "tensor 'a' has no dtype and shape"),
+    (_safetensors(b'{"a": [1]}'), "tensor 'a' has no dtype and shape"),
+    (_safetensors(b'{"a": {"dtype": "F32", "shape": [2], "dtype": "F16"}}'), "duplicate key 'a.dtype'"),
+    (_safetensors(b'{"a": {"dtype": "F32", "shape": [' + b"9" * 5000 + b"]}}"), "a number of 5,000 characters"),
+    (_safetensors(b"[" * 100_000 + b"]" * 100_000), "nested too deeply"),
+]
+
+
+@pytest.mark.parametrize(("data", "says"), NOT_SAFETENSORS, ids=[f"file-{k}" for k in range(len(NOT_SAFETENSORS))])
+def test_a_safetensors_file_that_is_not_one_is_bad_input_naming_the_field(config, tmp_path, data, says):
+    (tmp_path / "model.safetensors").write_bytes(data)
+    with pytest.raises(BadInput) as caught:
+        weights.load_pretrained(config, str(tmp_path), "auto", "float32", str(tmp_path / "cache"))
+    message = str(caught.value)
+    assert message.startswith(f"model.weights_uri: {tmp_path}/model.safetensors is not a safetensors file (")
+    assert says in message
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=64) | st.binary(max_size=64).map(_safetensors))
+def test_any_bytes_as_safetensors_are_bad_input(config, tmp_path_factory, data):
+    folder = tmp_path_factory.mktemp("st")
+    (folder / "model.safetensors").write_bytes(data)
+    with pytest.raises(BadInput, match="^model.weights_uri: "):
+        weights.load_pretrained(config, str(folder), "auto", "float32", str(folder / "cache"))
+
+
+def test_a_garbage_file_as_the_weights_is_bad_input(config, tmp_path):
+    garbage = tmp_path / "weights.bin"
+    garbage.write_bytes(b"\x00garbage" * 100)
+    with pytest.raises(BadInput, match="not found or not a directory; model.weights_uri must name a directory"):
+        weights.load_pretrained(config, str(garbage), "auto", "float32", str(tmp_path / "cache"))
+
+
+DAMAGED_MODEL_JSON = [
+    ([], "is not a tunix-rt-job/final/1 description"),
+    ({"format": "other"}, "is not a tunix-rt-job/final/1 description"),
+    ({"format": FINAL_FORMAT}, "is damaged (KeyError"),
+    ({"format": FINAL_FORMAT, "preset": "tiny", "lora": None, "base": []}, "is damaged (TypeError"),
+    ({"format": FINAL_FORMAT, "preset": "tiny", "lora": None,
+      "base": {"preset": "huge", "weights_uri": None, "weights_format": "auto", "dtype": "float32", "seed": 1}},
+     "is damaged (ValidationError"),
+    ({"format": FINAL_FORMAT, "preset": "tiny", "lora": {"rank": 0},
+      "base": {"preset": "tiny", "weights_uri": None, "weights_format": "auto", "dtype": "float32", "seed": 1}},
+     "is damaged (ValidationError"),
+    ({"format": FINAL_FORMAT, "preset": 3, "lora": None,
+      "base": {"preset": "tiny", "weights_uri": None, "weights_format": "auto", "dtype": "float32", "seed": 1}},
+     "is damaged (TypeError"),
+    ({"format": FINAL_FORMAT, "preset": "tiny", "lora": None,
+      "base": {"preset": "tiny", "weights_uri": None, "weights_format": "auto", "dtype": "float32", "seed": -1}},
+     "is damaged (TypeError"),
+]
+
+
+@pytest.mark.parametrize(("info", "says"), DAMAGED_MODEL_JSON, ids=[f"model-json-{k}" for k in range(len(DAMAGED_MODEL_JSON))])
+def test_a_damaged_model_json_is_bad_input_naming_the_field(tmp_path, info, says):
+    (tmp_path / "model.json").write_text(json.dumps(info))
+    spec = ModelSpec(preset="tiny", weights_uri=str(tmp_path))
+    with pytest.raises(BadInput) as caught:
+        model.build_model(spec, None, 0, 512, str(tmp_path / "cache"))
+    assert str(caught.value).startswith(f"model.weights_uri: {tmp_path}/model.json {says}")
