@@ -31,7 +31,7 @@ import json
 import os
 from collections.abc import Callable, Iterator
 
-from job import distributed, io, logs
+from job import distributed, io, logs, strict_json
 from job.errors import BadInput
 from job.lease import LEASE_FILE, Lease
 from job.provenance import utc_now
@@ -291,9 +291,21 @@ class Metrics:
 
     @staticmethod
     def _read(uri: str) -> list[dict]:
+        """The metric lines of a file an earlier attempt wrote; one that is not a metric line is exit 2."""
         if not io.exists(uri):
             return []
-        return [json.loads(line) for line in io.read_text(uri).splitlines() if line.strip()]
+        lines = []
+        for number, text in enumerate(io.read_text(uri).splitlines(), 1):
+            if text.strip():
+                try:
+                    line = strict_json.loads(text)
+                except ValueError as err:
+                    line = err
+                if not isinstance(line, dict) or not isinstance(line.get("step"), int):
+                    raise BadInput(f"{uri}:{number}: not a metrics line ({line}); restore the file, or remove it "
+                                   "to resume without the metrics logged so far")
+                lines.append(line)
+        return lines
 
 
 def _key(line: dict) -> tuple[int, str]:

@@ -6,6 +6,8 @@ import hashlib
 import json
 import os
 
+import pytest
+
 from job import io
 from job.rundir import METRICS, METRICS_SEGMENTS, RUN_FORMAT, SUCCESS_FILE, Metrics, RunDir, RunRecord, Status
 
@@ -143,3 +145,12 @@ def test_clear_keeps_only_the_lease(tmp_path):
     (tmp_path / "run" / "_LEASE").write_text("{}")
     run.clear()
     assert files(tmp_path / "run") == {"_LEASE"}
+
+
+def test_a_damaged_metrics_segment_is_exit_2_naming_it(tmp_path):
+    from job.errors import BadInput
+
+    run = RunDir(str(tmp_path / "run"), writer=True)
+    run.write_text(f"{METRICS_SEGMENTS}/segment-000000.jsonl", '{"step": 1, "loss": 2.0}\n{"step": 2, "lo')
+    with pytest.raises(BadInput, match="segment-000000.jsonl:2: not a metrics line"):
+        Metrics(run).resume_from(2)
