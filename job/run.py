@@ -115,6 +115,11 @@ class Run:
     def execute(self) -> int:
         distributed.on_peer_failure(lambda code, message: self._safe_status(
             state="preempted" if code == Preempted.exit_code else "failed", error=message))
+        # Taken (again) here: jax.distributed.initialize installs a SIGTERM handler of its own.
+        with self.stop.handling_signals():
+            return self._execute()
+
+    def _execute(self) -> int:
         try:
             self._run()
             return 0

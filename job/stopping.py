@@ -52,7 +52,8 @@ class StopRequest:
 
     @contextlib.contextmanager
     def handling_signals(self) -> Iterator[StopRequest]:
-        """SIGTERM and SIGINT set this request while inside (the handlers before are put back after)."""
+        """SIGTERM and SIGINT set this request while inside (the handlers before are put back after).
+        Take them again after anything that installs handlers of its own (jax.distributed does)."""
         previous = {sig: signal.signal(sig, self.on_signal) for sig in SIGNALS}
         try:
             yield self
