@@ -17,6 +17,35 @@ from job import logs, settings
 from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNEXPECTED, BadInput, JobError
 
 VALIDATE_DEFAULT_LIMIT = 10_000
+MAX_COUNT = 10**12  # more records than any data set holds: a typo, not a count
+
+
+COUNT_RULE = f"must be a whole number from 1 to {MAX_COUNT:,}"
+
+
+def count(text: str) -> int:
+    """The argparse type of every count option: a whole number from 1 to MAX_COUNT. 0 is refused,
+    not read as "all" or "none": the options that can mean everything say so another way (--all)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 1 <= value <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{COUNT_RULE} (got {text!r})")
+    return value
+
+
+class CountOption(argparse.Action):
+    """Stores a `count`. argparse hands `--limit=--` over as [] without asking `count`: refused here."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if not isinstance(values, int):
+            parser.error(f"argument {option_string}: {COUNT_RULE} (got {values!r})")
+        setattr(namespace, self.dest, values)
+
+
+def add_count_option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    parser.add_argument(name, type=count, action=CountOption, **kwargs)
 
 
 def _manifest_uri(args) -> str:
@@ -83,7 +112,7 @@ def cmd_render(args) -> int:
     from job.manifest import load_manifest
     from job.tokens import load_tokenizer
 
-    overrides = list(args.set) + ([f"dataset.limit={args.limit}"] if args.limit else [])
+    overrides = list(args.set) + ([f"dataset.limit={args.limit}"] if args.limit is not None else [])
     m = load_manifest(_manifest_uri(args), overrides)
     tokenizer = load_tokenizer(m.model.tokenizer_uri)
 
@@ -147,11 +176,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--fresh", action="store_true", help="delete an earlier run of this manifest and start over")
     run.set_defaults(func=cmd_run)
     validate = with_manifest(sub.add_parser("validate", help="check the manifest and data before spending accelerator time"))
-    validate.add_argument("--limit", type=int, default=VALIDATE_DEFAULT_LIMIT, help="records to read (default %(default)s)")
+    add_count_option(validate, "--limit", default=VALIDATE_DEFAULT_LIMIT, help="records to read (default %(default)s)")
     validate.add_argument("--all", action="store_true", help="read every record")
     validate.set_defaults(func=cmd_validate)
     render = with_manifest(sub.add_parser("render", help="print what the model will be trained on, as JSONL"))
-    render.add_argument("--limit", type=int, help="records to read")
+    add_count_option(render, "--limit", help="records to read")
     render.set_defaults(func=cmd_render)
     score = sub.add_parser("score", help="score predictions {id, output} against an eval set")
     score.add_argument("--eval", required=True, help="eval set URI")
@@ -166,7 +195,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as usage:  # argparse has said what is wrong, naming the option (2), or printed --help (0)
+        return int(usage.code or 0)
     logs.capture_library_logs()
     message = ""
     try:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from job.cli import add_count_option  # noqa: E402
 from job.score import score_output  # noqa: E402
 
 EXPECTED = ("42", "Paris", "red, blue, yellow", "0.5 or 50%")
@@ -65,7 +66,7 @@ def seconds_to_score(output: str, repeat: int) -> float:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--lengths", default="20000,200000,1000000", help="output lengths in characters, comma-separated")
-    p.add_argument("--repeat", type=int, default=3, help="runs per figure; the best is shown")
+    add_count_option(p, "--repeat", default=3, help="runs per figure; the best is shown")
     args = p.parse_args(argv)
     lengths = [int(n) for n in args.lengths.split(",")]
     print("| output | " + " | ".join(f"{n:,} chars" for n in lengths) + " |")

@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from backend_stub import BackendStub, write_import_batches
 
 import job.manifest
@@ -341,6 +345,56 @@ def test_import_stdout_is_only_the_summary(capsys, tmp_path):
         code, out, _ = run(capsys, "import", "--run", run_dir, "--api", stub.url)
     assert code == 0
     assert json.loads(out) == {"posted": 1, "skipped": 0, "created_count": 5}
+
+
+# ------------------------------------------------------------------------------- count options
+
+
+def _count_options() -> list[tuple[str, str]]:
+    """(command, option) for every option of every command that takes a count."""
+    commands = cli.parser()._subparsers._group_actions[0].choices
+    return [(name, action.option_strings[0]) for name, command in commands.items()
+            for action in command._actions if isinstance(action, cli.CountOption)]
+
+
+COUNT_OPTIONS = _count_options()
+NOT_COUNTS = st.one_of(
+    st.integers(max_value=0).map(str), st.integers(min_value=cli.MAX_COUNT + 1).map(str),
+    st.sampled_from(["", " ", "abc", "1.5", "1e3", "0x10", "ten", "--", "٠", "-0"]),
+    st.text(max_size=12).filter(lambda t: not t.strip().lstrip("+").isdigit()),
+)
+
+
+def _exit_and_stderr(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_every_count_option_takes_a_count():
+    assert {("validate", "--limit"), ("render", "--limit")} <= set(COUNT_OPTIONS)
+    commands = cli.parser()._subparsers._group_actions[0].choices
+    # Whole numbers are counts here: each goes through the one parser that bounds them.
+    assert not [(name, a.dest) for name, c in commands.items() for a in c._actions
+                if a.type is int or (a.type is cli.count) != isinstance(a, cli.CountOption)]
+
+
+@pytest.mark.parametrize("command, option", COUNT_OPTIONS)
+@given(value=NOT_COUNTS)
+@settings(max_examples=60, deadline=None)
+def test_a_count_option_refuses_what_is_not_a_count_naming_it(command, option, value):
+    # `--limit 0` once printed everything (render) or blamed the data (validate).
+    code, out, err = _exit_and_stderr(command, "--manifest", DEMO_MANIFEST, f"{option}={value}")
+    assert code == 2 and out == ""
+    assert f"argument {option}: must be a whole number from 1 to" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command, option", COUNT_OPTIONS)
+def test_a_count_option_takes_its_bounds(command, option):
+    assert cli.count("1") == 1 and cli.count(str(cli.MAX_COUNT)) == cli.MAX_COUNT
+    args = cli.parser().parse_args([command, option, "1"])
+    assert getattr(args, option.lstrip("-").replace("-", "_")) == 1
 
 
 # ------------------------------------------------------------------------------ unexpected errors
