@@ -71,40 +71,69 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from job import io
+    """Every check `run` makes before it trains, on the manifest, its inputs and its run directory,
+    without writing anything: exit 0 when the run would start, 2 with every problem found when not."""
+    import hashlib
+
+    from job import identity, io
     from job.dataset import scan, unusable
     from job.formats import read_eval_items
     from job.manifest import derive_run_id, load_manifest, run_dir
+    from job.rundir import RunDir, preflight
+    from job.template import eval_prompts
     from job.tokens import load_tokenizer
 
-    m = load_manifest(_manifest_uri(args), args.set)
-    run_uri = run_dir(m, derive_run_id(m))
-    if not args.all:  # scan a bounded prefix (the manifest's own limit when smaller)
-        limit = min(args.limit, m.dataset.limit or args.limit)
-        m = m.model_copy(update={"dataset": m.dataset.model_copy(update={"limit": limit})})
-    problems = []
+    manifest_uri = _manifest_uri(args)
+    m = load_manifest(manifest_uri, args.set)
+    rundir = RunDir(run_dir(m, derive_run_id(m)))
+    problems = _problem(lambda: preflight(m, manifest_uri))
     tokenizer = load_tokenizer(m.model.tokenizer_uri)
-    items = read_eval_items(m.eval.uri, m.eval.limit)
+    eval_digest = hashlib.sha256()
+    items = read_eval_items(m.eval.uri, m.eval.limit, eval_digest)
+    problems += _problem(lambda: eval_prompts(items, m.template.system_instruction, m.template.step_instruction))
     if m.model.weights_uri and not io.exists(m.model.weights_uri):
         problems.append(f"model.weights_uri: {m.model.weights_uri} not found")
-    counts, _ = scan(m, tokenizer)
-    data = counts.as_dict()
-    report = {
-        "manifest": _manifest_uri(args), "run_dir": run_uri,
-        "dataset": m.dataset.uri, "records_read": counts.read, "accepted": counts.accepted,
-        "rejected": counts.rejected, "held_out": counts.held_out, "would_train_on": counts.trained,
-        "truncated": counts.truncated, "reject_reasons": data["reject_reasons"],
-        "first_rejects": [f"{r.uri}:{r.line}: {r.reason}" for r in counts.first_rejects],
-        "token_length": data["token_length"], "max_seq_len": m.training.max_seq_len,
-        "eval_items": len(items), "scanned": "all records" if args.all else f"at most {args.limit} records",
-    }
-    problems += unusable(counts, m)
+    scanned = m if args.all else _with_dataset_limit(m, min(args.limit, m.dataset.limit or args.limit))
+    counts, _ = scan(scanned, tokenizer)
+    problems += unusable(counts, scanned)
+    # Compared with a run the directory holds, as `run` does: the dataset too when all the run reads was read.
+    data = {"eval_sha256": eval_digest.hexdigest()}
+    if scanned.dataset.limit == m.dataset.limit or counts.read < scanned.dataset.limit:
+        data["dataset_sha256"] = counts.sha256
+    problems += _problem(lambda: identity.refuse_another_run(rundir.uri, rundir.read_record(), m, data))
+    report = _validate_report(args, manifest_uri, m, rundir.uri, counts, len(items))
     report["problems"] = problems
     report["ok"] = not problems
     for problem in problems:
         logs.error(problem)
     logs.output(report, indent=2)
     return EXIT_OK if not problems else EXIT_BAD_INPUT
+
+
+def _problem(check) -> list[str]:
+    """[] when `check()` passes, else its BadInput message: validate reports every problem at once."""
+    try:
+        check()
+    except BadInput as err:
+        return [str(err)]
+    return []
+
+
+def _with_dataset_limit(m, limit: int):
+    return m.model_copy(update={"dataset": m.dataset.model_copy(update={"limit": limit})})
+
+
+def _validate_report(args, manifest_uri: str, m, run_uri: str, counts, eval_items: int) -> dict:
+    data = counts.as_dict()
+    return {
+        "manifest": manifest_uri, "run_dir": run_uri,
+        "dataset": m.dataset.uri, "records_read": counts.read, "accepted": counts.accepted,
+        "rejected": counts.rejected, "held_out": counts.held_out, "would_train_on": counts.trained,
+        "truncated": counts.truncated, "reject_reasons": data["reject_reasons"],
+        "first_rejects": [f"{r.uri}:{r.line}: {r.reason}" for r in counts.first_rejects],
+        "token_length": data["token_length"], "max_seq_len": m.training.max_seq_len,
+        "eval_items": eval_items, "scanned": "all records" if args.all else f"at most {args.limit} records",
+    }
 
 
 def cmd_render(args) -> int:
