@@ -17,6 +17,35 @@ from job import logs, settings
 from job.errors import EXIT_BAD_INPUT, EXIT_OK, EXIT_UNEXPECTED, BadInput, JobError, UnknownOutcome
 
 VALIDATE_DEFAULT_LIMIT = 10_000
+MAX_COUNT = 10**12  # more records than any data set holds: a typo, not a count
+
+
+COUNT_RULE = f"must be a whole number from 1 to {MAX_COUNT:,}"
+
+
+def count(text: str) -> int:
+    """The argparse type of every count option: a whole number from 1 to MAX_COUNT. 0 is refused,
+    not read as "all" or "none": the options that can mean everything say so another way (--all)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 1 <= value <= MAX_COUNT:
+        raise argparse.ArgumentTypeError(f"{COUNT_RULE} (got {text!r})")
+    return value
+
+
+class CountOption(argparse.Action):
+    """Stores a `count`. argparse hands `--limit=--` over as [] without asking `count`: refused here."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if not isinstance(values, int):
+            parser.error(f"argument {option_string}: {COUNT_RULE} (got {values!r})")
+        setattr(namespace, self.dest, values)
+
+
+def add_count_option(parser: argparse.ArgumentParser, name: str, **kwargs) -> None:
+    parser.add_argument(name, type=count, action=CountOption, **kwargs)
 
 
 def _manifest_uri(args) -> str:
@@ -42,34 +71,37 @@ def cmd_run(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from job import io
+    """Every check `run` makes before it trains, on the manifest, its inputs and its run directory,
+    without writing anything: exit 0 when the run would start, 2 with every problem found when not."""
+    import hashlib
+
+    from job import identity, io
     from job.dataset import scan, unusable
     from job.formats import read_eval_items
     from job.manifest import derive_run_id, load_manifest, run_dir
+    from job.rundir import RunDir, preflight
+    from job.template import eval_prompts
     from job.tokens import load_tokenizer
 
-    m = load_manifest(_manifest_uri(args), args.set)
-    run_uri = run_dir(m, derive_run_id(m))
-    if not args.all:  # scan a bounded prefix (the manifest's own limit when smaller)
-        limit = min(args.limit, m.dataset.limit or args.limit)
-        m = m.model_copy(update={"dataset": m.dataset.model_copy(update={"limit": limit})})
-    problems = []
+    manifest_uri = _manifest_uri(args)
+    m = load_manifest(manifest_uri, args.set)
+    rundir = RunDir(run_dir(m, derive_run_id(m)))
+    problems = _problem(lambda: preflight(m, manifest_uri))
     tokenizer = load_tokenizer(m.model.tokenizer_uri)
-    items = read_eval_items(m.eval.uri, m.eval.limit)
+    eval_digest = hashlib.sha256()
+    items = read_eval_items(m.eval.uri, m.eval.limit, eval_digest)
+    problems += _problem(lambda: eval_prompts(items, m.template.system_instruction, m.template.step_instruction))
     if m.model.weights_uri and not io.exists(m.model.weights_uri):
         problems.append(f"model.weights_uri: {m.model.weights_uri} not found")
-    counts, _ = scan(m, tokenizer)
-    data = counts.as_dict()
-    report = {
-        "manifest": _manifest_uri(args), "run_dir": run_uri,
-        "dataset": m.dataset.uri, "records_read": counts.read, "accepted": counts.accepted,
-        "rejected": counts.rejected, "held_out": counts.held_out, "would_train_on": counts.trained,
-        "truncated": counts.truncated, "reject_reasons": data["reject_reasons"],
-        "first_rejects": [f"{r.uri}:{r.line}: {r.reason}" for r in counts.first_rejects],
-        "token_length": data["token_length"], "max_seq_len": m.training.max_seq_len,
-        "eval_items": len(items), "scanned": "all records" if args.all else f"at most {args.limit} records",
-    }
-    problems += unusable(counts, m)
+    scanned = m if args.all else _with_dataset_limit(m, min(args.limit, m.dataset.limit or args.limit))
+    counts, _ = scan(scanned, tokenizer)
+    problems += unusable(counts, scanned)
+    # Compared with a run the directory holds, as `run` does: the dataset too when all the run reads was read.
+    data = {"eval_sha256": eval_digest.hexdigest()}
+    if scanned.dataset.limit == m.dataset.limit or counts.read < scanned.dataset.limit:
+        data["dataset_sha256"] = counts.sha256
+    problems += _problem(lambda: identity.refuse_another_run(rundir.uri, rundir.read_record(), m, data))
+    report = _validate_report(args, manifest_uri, m, rundir.uri, counts, len(items))
     report["problems"] = problems
     report["ok"] = not problems
     for problem in problems:
@@ -78,12 +110,38 @@ def cmd_validate(args) -> int:
     return EXIT_OK if not problems else EXIT_BAD_INPUT
 
 
+def _problem(check) -> list[str]:
+    """[] when `check()` passes, else its BadInput message: validate reports every problem at once."""
+    try:
+        check()
+    except BadInput as err:
+        return [str(err)]
+    return []
+
+
+def _with_dataset_limit(m, limit: int):
+    return m.model_copy(update={"dataset": m.dataset.model_copy(update={"limit": limit})})
+
+
+def _validate_report(args, manifest_uri: str, m, run_uri: str, counts, eval_items: int) -> dict:
+    data = counts.as_dict()
+    return {
+        "manifest": manifest_uri, "run_dir": run_uri,
+        "dataset": m.dataset.uri, "records_read": counts.read, "accepted": counts.accepted,
+        "rejected": counts.rejected, "held_out": counts.held_out, "would_train_on": counts.trained,
+        "truncated": counts.truncated, "reject_reasons": data["reject_reasons"],
+        "first_rejects": [f"{r.uri}:{r.line}: {r.reason}" for r in counts.first_rejects],
+        "token_length": data["token_length"], "max_seq_len": m.training.max_seq_len,
+        "eval_items": eval_items, "scanned": "all records" if args.all else f"at most {args.limit} records",
+    }
+
+
 def cmd_render(args) -> int:
     from job.dataset import prepare
     from job.manifest import load_manifest
     from job.tokens import load_tokenizer
 
-    overrides = list(args.set) + ([f"dataset.limit={args.limit}"] if args.limit else [])
+    overrides = list(args.set) + ([f"dataset.limit={args.limit}"] if args.limit is not None else [])
     m = load_manifest(_manifest_uri(args), overrides)
     tokenizer = load_tokenizer(m.model.tokenizer_uri)
 
@@ -141,11 +199,11 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--fresh", action="store_true", help="delete an earlier run of this manifest and start over")
     run.set_defaults(func=cmd_run)
     validate = with_manifest(sub.add_parser("validate", help="check the manifest and data before spending accelerator time"))
-    validate.add_argument("--limit", type=int, default=VALIDATE_DEFAULT_LIMIT, help="records to read (default %(default)s)")
+    add_count_option(validate, "--limit", default=VALIDATE_DEFAULT_LIMIT, help="records to read (default %(default)s)")
     validate.add_argument("--all", action="store_true", help="read every record")
     validate.set_defaults(func=cmd_validate)
     render = with_manifest(sub.add_parser("render", help="print what the model will be trained on, as JSONL"))
-    render.add_argument("--limit", type=int, help="records to read")
+    add_count_option(render, "--limit", help="records to read")
     render.set_defaults(func=cmd_render)
     score = sub.add_parser("score", help="score predictions {id, output} against an eval set")
     score.add_argument("--eval", required=True, help="eval set URI")
@@ -163,7 +221,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as usage:  # argparse has said what is wrong, naming the option (2), or printed --help (0)
+        return int(usage.code or 0)
     logs.capture_library_logs()
     message = ""
     try:

@@ -91,10 +91,22 @@ def start(wanted: Cluster | None = None) -> Cluster:
 
 # -- the mesh and the model on it -----------------------------------------------------------------
 
-def mesh_shape(fsdp: int, tp: int, devices: int) -> tuple[int, int]:
-    """Axis sizes with -1 meaning "the rest of the devices"; their product must be the device count."""
+def check_mesh_spec(spec, batch_size: int) -> None:
+    """What can be known of the mesh before its devices are: one axis at most takes the rest, and the
+    batch divides by an fsdp size given. `validate` checks this on any machine; `run` again on the mesh."""
+    _check_one_rest(spec.fsdp, spec.tp)
+    if spec.fsdp != -1:
+        _check_divisible(batch_size, spec.fsdp)
+
+
+def _check_one_rest(fsdp: int, tp: int) -> None:
     if fsdp == -1 and tp == -1:
         raise BadInput("training.mesh: at most one of fsdp and tp may be -1")
+
+
+def mesh_shape(fsdp: int, tp: int, devices: int) -> tuple[int, int]:
+    """Axis sizes with -1 meaning "the rest of the devices"; their product must be the device count."""
+    _check_one_rest(fsdp, tp)
     known = (fsdp if fsdp != -1 else 1) * (tp if tp != -1 else 1)
     if devices % known:
         raise BadInput(f"training.mesh: fsdp={fsdp} x tp={tp} does not divide the {devices} devices; "
@@ -118,9 +130,14 @@ def build_mesh(spec) -> jax.sharding.Mesh | None:
 
 
 def check_batch(batch_size: int, mesh) -> None:
-    if mesh is not None and batch_size % mesh.shape[DATA_AXIS]:
+    if mesh is not None:
+        _check_divisible(batch_size, mesh.shape[DATA_AXIS])
+
+
+def _check_divisible(batch_size: int, data_parallel: int) -> None:
+    if batch_size % data_parallel:
         raise BadInput(f"training.batch_size={batch_size} is not divisible by the data-parallel size "
-                       f"{mesh.shape[DATA_AXIS]} (training.mesh fsdp); use a multiple of it")
+                       f"{data_parallel} (training.mesh fsdp); use a multiple of it")
 
 
 def shard_model(model: nnx.Module, mesh) -> nnx.Module:

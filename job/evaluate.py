@@ -22,7 +22,7 @@ from job import io, logs
 from job.formats import EvalItem
 from job.manifest import EvalSpec, TemplateSpec
 from job.score import ItemResult, score_output
-from job.template import render_prompt
+from job.template import eval_prompts
 from job.tokens import Tokenizer
 
 
@@ -86,7 +86,7 @@ class EvalRun:
 
 def evaluate(decoder: Decoder, items: list[EvalItem], template: TemplateSpec) -> EvalRun:
     """Generate an answer for every eval item and score it against the expected answer."""
-    prompts = [render_prompt(item.prompt, template.system_instruction, template.step_instruction) for item in items]
+    prompts = eval_prompts(items, template.system_instruction, template.step_instruction)
     started = time.perf_counter()
     generations = decoder.generate(prompts)
     seconds = time.perf_counter() - started

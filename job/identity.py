@@ -49,6 +49,23 @@ def of_config(m: Manifest, seed: int) -> dict:
     }
 
 
+def recorded_seed(m: Manifest, recorded: dict | None) -> int | None:
+    """The run's seed when it is known before the run starts: the manifest's, else the one an earlier
+    attempt recorded in the run directory."""
+    if m.seed is not None:
+        return m.seed
+    seed = (recorded or {}).get("seed")
+    return seed if isinstance(seed, int) else None
+
+
+def refuse_another_run(run_uri: str, recorded: dict | None, m: Manifest, data: dict) -> None:
+    """AnotherRun when the run record an earlier attempt wrote is of another run than this manifest
+    with this data ({"dataset_sha256", "eval_sha256"}, either or none, as far as it has been read)."""
+    if recorded is not None and recorded.get("identity"):
+        current = of_config(m, recorded_seed(m, recorded))
+        refuse_if_different(run_uri, recorded["identity"], {**current, **data})
+
+
 def differences(recorded: dict, current: dict) -> list[str]:
     """"training.learning_rate: 0.001 → 0.01" for each field that differs (only fields both sides have
     for the data hashes, which an attempt killed before reading its data did not record)."""

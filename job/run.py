@@ -27,14 +27,15 @@ from job.dataset import DataCounts, eval_batches, scan, training_batches, unusab
 from job.errors import BadInput, JobError, Retriable, transient_cause
 from job.evaluate import Decoder, EvalRun, evaluate, generations_record, load_generations
 from job.formats import STOP_TOKENS, read_eval_items
-from job.manifest import Manifest, derive_run_id, load_manifest, run_dir
+from job.manifest import Manifest, derive_run_id, load_manifest
 from job.model import BuiltModel, build_model, final_description, parameter_count, save_final_weights
 from job.provenance import program_key, utc_now, versions
 from job.report import build_delta_report, plot_loss_curve, render_markdown
 from job.rundir import (CHECKPOINTS, EVAL_BEFORE_GENERATIONS, FINAL, REJECTS, RUN_FORMAT, TENSORBOARD, Metrics,
-                        RunDir, RunRecord, Status)
+                        RunDir, RunRecord, Status, preflight)
 from job.step_cache import configure_compile_cache
 from job.stopping import StopRequest
+from job.template import eval_prompts
 from job.tokens import load_tokenizer
 from job.train import Prefetch, StepReport, Trainer, TrainResult
 
@@ -52,12 +53,7 @@ def run_job(manifest_uri: str, overrides: list[str] = (), fresh: bool = False,
     stop = stop or StopRequest()
     configure_compile_cache()
     m = load_manifest(manifest_uri, overrides)
-    rundir = RunDir(run_dir(m, derive_run_id(m)))
-    # Before anything is written (the lease included): the run directory must be apart from the
-    # inputs and be this job's own.
-    rundir.refuse_inputs_inside({"the manifest": manifest_uri, "dataset.uri": m.dataset.uri, "eval.uri": m.eval.uri,
-                                 "model.weights_uri": m.model.weights_uri, "model.tokenizer_uri": m.model.tokenizer_uri})
-    rundir.refuse_if_not_ours()
+    rundir = preflight(m, manifest_uri)  # before anything is written, the lease included
     if not fresh and _finished(m, rundir):
         return 0
     if stop.is_set():
@@ -80,16 +76,14 @@ def _finished(m: Manifest, rundir: RunDir) -> bool:
         return False
     recorded = rundir.read_record() or {}
     if recorded.get("identity"):
-        seed = m.seed if m.seed is not None else recorded["seed"]
-        current = identity.of_config(m, seed)
-        identity.refuse_if_different(rundir.uri, recorded["identity"], current)
+        identity.refuse_another_run(rundir.uri, recorded, m, {})
         # The data too: read again (without writing anything) and compared by content.
         tokenizer = load_tokenizer(m.model.tokenizer_uri)
         eval_digest = hashlib.sha256()
         read_eval_items(m.eval.uri, m.eval.limit, eval_digest)
         counts, _ = scan(m, tokenizer)
-        identity.refuse_if_different(rundir.uri, recorded["identity"], {
-            **current, "dataset_sha256": counts.sha256, "eval_sha256": eval_digest.hexdigest()})
+        identity.refuse_another_run(rundir.uri, recorded, m, {"dataset_sha256": counts.sha256,
+                                                              "eval_sha256": eval_digest.hexdigest()})
     logs.info("this run already succeeded; nothing to do (pass --fresh to run it again)", run_dir=rundir.uri)
     return True
 
@@ -146,6 +140,7 @@ class Run:
         self.record = self._start_record(self.dir.read_record())
         tokenizer = load_tokenizer(m.model.tokenizer_uri)
         items = self._read_eval_set()
+        eval_prompts(items, m.template.system_instruction, m.template.step_instruction)  # fails now, not after training
         counts, held_out = self._validate_data(tokenizer)
         self._stop_if_asked()
 
@@ -195,8 +190,8 @@ class Run:
         (generated or read back by each process: process 0's stands)."""
         if self.m.seed is not None:
             return self.m.seed
-        seed = (recorded or {}).get("seed")
-        if not isinstance(seed, int):
+        seed = identity.recorded_seed(self.m, recorded)
+        if seed is None:
             seed = secrets.randbits(31)
             logs.info("no seed in the manifest: generated one", seed=seed)
         return distributed.same_everywhere(seed)

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from job import distributed, io, logs, strict_json
 from job.errors import BadInput
 from job.lease import LEASE_FILE, Lease
+from job.manifest import Manifest, derive_run_id, run_dir
 from job.provenance import utc_now
 
 RUN_FORMAT = "tunix-rt-job/run/1"  # in run_manifest.json: the mark of a directory this job made
@@ -47,6 +48,19 @@ FINAL = "final"
 TENSORBOARD = "tensorboard"
 EVAL_BEFORE_GENERATIONS = "eval_before_generations.json"  # kept for a resumed run
 SUCCESS_FILE = "_SUCCESS"
+
+
+def preflight(m: Manifest, manifest_uri: str) -> RunDir:
+    """The run directory, once shown to be one the run may write, and the mesh shown to fit the batch:
+    the checks `run` makes before anything is written (the lease included), made by `validate` too.
+    BadInput names the field to change; nothing is created."""
+    rundir = RunDir(run_dir(m, derive_run_id(m)))
+    rundir.refuse_unwritable()
+    rundir.refuse_inputs_inside({"the manifest": manifest_uri, "dataset.uri": m.dataset.uri, "eval.uri": m.eval.uri,
+                                 "model.weights_uri": m.model.weights_uri, "model.tokenizer_uri": m.model.tokenizer_uri})
+    rundir.refuse_if_not_ours()
+    distributed.check_mesh_spec(m.training.mesh, m.training.batch_size)
+    return rundir
 
 
 @dataclasses.dataclass
@@ -103,6 +117,22 @@ class RunDir:
                 where = "inside" if io.is_within(uri, self.uri) else "around"
                 raise BadInput(f"{field}: {uri} lies {where} the run directory {self.uri}; nothing was written. "
                                "Choose an output.uri (or run_id) apart from the run's inputs")
+
+    def refuse_unwritable(self) -> None:
+        """BadInput when the run directory could not be made or written: locally, when its nearest
+        existing folder is a file or not writable by this user. Creates nothing. An object store
+        says so itself at the first write (exit 2 naming the URI and the role to grant)."""
+        if not io.is_local(self.uri):
+            return
+        nearest = io.local_path(self.uri)
+        while not os.path.lexists(nearest):
+            nearest = os.path.dirname(nearest)
+        if not os.path.isdir(nearest):
+            raise BadInput(f"output.uri: the run directory {self.uri} cannot be made: {nearest} is a file, "
+                           "not a folder; nothing was written. Choose another output.uri (or run_id)")
+        if not os.access(nearest, os.W_OK | os.X_OK):
+            raise BadInput(f"output.uri: the run directory {self.uri} cannot be written: {nearest} is not "
+                           "writable by this user; nothing was written. Make it writable or choose another output.uri")
 
     def refuse_if_not_ours(self) -> None:
         """BadInput unless the directory is missing, empty, holds only a lease, or was made by this job

@@ -28,19 +28,23 @@ _ANSWER_MARKER = re.compile(r"answer\s*:", re.IGNORECASE)
 _NUMBER_IN_TEXT = re.compile(r"(?<![\w.])[-+−]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:/\d+)?%?")
 # A whole normalised answer that is one number (thousands separators already removed).
 _NUMBER = re.compile(r"([-+]?)(\d+(?:\.\d*)?|\.\d+)(?:/(\d+))?(%?)")
-_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
-_CURRENCY = re.compile(r"[$€£¥]")
+# A comma between thousands; the comma first, so the search skips to commas.
+_THOUSANDS = re.compile(r",(?<=\d,)(?=\d{3}(?!\d))")
+_SIGNS = str.maketrans({"−": "-", "$": None, "€": None, "£": None, "¥": None})  # U+2212 minus; currencies
 # What may follow a number as its unit: "180 degrees", "120 km", "9.8 m/s^2", "12 apples", "180°".
 # At most three words, letters only, so "12 or 13" or "3 + 4" are never taken for units.
 _UNIT_WORD = r"[a-z°][a-z°/]*(?:\^[23]|[²³])?"
 _UNIT = r"(?!(?:or|and|plus|minus|times|to)\b)(?:°\s*[cf]?|" + _UNIT_WORD + r"(?:\s+" + _UNIT_WORD + r"){0,2})"
 _NUMBER_WITH_UNIT = re.compile(r"([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:/\d+)?)\s*" + _UNIT)
 _PERCENT = re.compile(r"(?<=\d)\s*(?:%|percent\b|per cent\b)")
+_DECIMALS = re.compile(r"\.(\d+)")
 _MAX_NUMBER_CHARS = 100  # longer digit strings are compared as text
 _ALTERNATIVES = re.compile(r"\s+or\s+", re.IGNORECASE)
 _LIST_SEPARATOR = re.compile(r"\s*,\s*(?:and\s+)?|\s+and\s+")
 _WRAPPERS = "\"'“”‘’`*_"
 _TRAILING_PUNCTUATION = ".!?;:,"
+_QUOTES_AND_SPACES = re.compile("[ " + re.escape(_WRAPPERS) + "]*")
+_CANONICAL = re.compile(r"[a-z]*|[0-9]+")  # what normalize leaves as it is, known at a glance
 
 
 @dataclass(frozen=True)
@@ -61,7 +65,7 @@ class ItemResult:
 
 def visible_text(output: str) -> str:
     """The reply as the model meant it: anything after its first <end_of_turn> is not part of it."""
-    return output.split(END_OF_TURN, 1)[0]
+    return output.partition(END_OF_TURN)[0]
 
 
 def answer_line_start(output: str) -> int | None:
@@ -74,9 +78,11 @@ def _answer_line(output: str) -> tuple[int, str] | None:
     text = visible_text(output)
     # The last marker wins; a marker with nothing after it on its line (cut off, or the answer
     # moved to a later line) does not count as an answer line.
+    # Each marker reads only to its line's end, so many markers cost one pass over the text.
     for marker in reversed(list(_ANSWER_MARKER.finditer(text))):
-        rest = text[marker.end():].split("\n", 1)[0].strip()
-        if text[:marker.start()].endswith("**") and rest.startswith("**"):  # "**Answer:** 42"
+        line_end = text.find("\n", marker.end())
+        rest = text[marker.end():line_end if line_end != -1 else len(text)].strip()
+        if text.endswith("**", 0, marker.start()) and rest.startswith("**"):  # "**Answer:** 42"
             rest = rest[2:].strip()
         if rest:
             return marker.start(), rest
@@ -96,26 +102,130 @@ def extract_answer(output: str) -> tuple[str | None, bool]:
 
 def normalize(text: str) -> str:
     """A canonical form for comparing answers; idempotent (applied until nothing changes)."""
-    previous = None
     text = str(text)
-    while text != previous:
-        previous = text
-        text = text.casefold().replace("−", "-")  # U+2212 minus sign
-        text = _CURRENCY.sub("", text)
-        text = _THOUSANDS.sub("", text)
-        text = " ".join(text.split())
-        text = text.rstrip(_TRAILING_PUNCTUATION).strip()
-        if len(text) >= 2 and text[0] == text[-1] and text[0] in _WRAPPERS:
-            text = text[1:-1].strip()
-        elif text and text[0] in _WRAPPERS and text[-1] not in _WRAPPERS and text.count(text[0]) == 1:
-            text = text[1:].strip()  # an unbalanced opening quote or bold marker
-        elif text and text[-1] in _WRAPPERS and text.count(text[-1]) == 1:
-            text = text[:-1].strip()
+    if _CANONICAL.fullmatch(text):
+        return text
+    while True:
+        once = _normalize_once(text)
+        if once == text:
+            return text
+        text = _peel_ends(once)
+
+
+def _normalize_once(text: str) -> str:
+    text = text.casefold().translate(_SIGNS)
+    text = _THOUSANDS.sub("", text)
+    text = " ".join(text.split())
+    text = text.rstrip(_TRAILING_PUNCTUATION).strip()
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in _WRAPPERS:
+        text = text[1:-1].strip()
+    elif text and text[0] in _WRAPPERS and text[-1] not in _WRAPPERS and text.count(text[0]) == 1:
+        text = text[1:].strip()  # an unbalanced opening quote or bold marker
+    elif text and text[-1] in _WRAPPERS and text.count(text[-1]) == 1:
+        text = text[:-1].strip()
+    if "%" in text or "per" in text:  # a quick look first: the pattern tries every position
         text = _PERCENT.sub("%", text)  # "50 %", "50 percent" -> "50%"
-        unit = _NUMBER_WITH_UNIT.fullmatch(text)
-        if unit:
-            text = unit.group(1)
-    return text
+    unit = _NUMBER_WITH_UNIT.fullmatch(text)
+    return unit.group(1) if unit else text
+
+
+def _peel_ends(text: str) -> str:
+    """`text` after the passes of `_normalize_once` that only take trailing punctuation, spaces and
+    pairs of quotes or bold markers off its ends: the same result, without a whole pass per layer.
+
+    `text` is the result of a pass, so the parts of a pass that work on the whole text change nothing
+    inside it. Where a pass may do more (take off a lone quote or a unit, turn "percent" into "%"),
+    the text as it was before that pass is left to `_normalize_once`; such passes are few: each
+    removes a quote character for good, or leaves a number.
+    """
+    start, end = 0, len(text)
+    quotes = {c: text.count(c) for c in _WRAPPERS}  # how often each occurs in text[start:end]
+    while True:
+        # Each step takes one or more passes; `before` is where the last of them starts.
+        before = (start, end)
+        new_start, new_end = _strip_end_punctuation(text, start, end)
+        width = _mirrored_quotes(text, new_start, new_end)
+        if width:
+            shell = text[new_start:new_start + width]
+            if len(shell.replace(" ", "")) > 1:  # the last pass starts inside a pair of quotes
+                before = (new_start + width - 1, new_end - width + 1)
+            for quote in set(shell) - {" "}:
+                quotes[quote] -= 2 * shell.count(quote)
+            new_start, new_end = _strip_spaces(text, new_start + width, new_end - width)
+        elif _lone_quote_at_an_end(text, new_start, new_end, quotes):
+            return text[start:end]
+        else:
+            # While the text ends in punctuation a pass does nothing else: strip the rest at once.
+            stripped_end = _strip_trailing_punctuation_and_spaces(text, new_start, new_end)
+            if stripped_end < new_end:
+                before = (new_start, _end_before_last_strip(text, stripped_end, new_end))
+            new_end = stripped_end
+        if (new_start, new_end) == (start, end):
+            return text[start:end]
+        if text.endswith(("percent", "per cent"), new_start, new_end) or (
+                new_start < new_end and _NUMBER_WITH_UNIT.fullmatch(text, new_start, new_end)):
+            return text[before[0]:before[1]]
+        start, end = new_start, new_end
+
+
+def _mirrored_quotes(text: str, start: int, end: int) -> int:
+    """How far quote characters (with spaces between them) open `text[start:end]` and close it in
+    mirror order: 3 in "* 'x' *". One pass of `_normalize_once` takes off each pair, then the spaces.
+    Found by doubling, then halving, the width; 0 when no quote pair encloses the text."""
+    if end - start < 2 or text[start] != text[end - 1] or text[start] not in _WRAPPERS:
+        return 0
+
+    def mirrored(width: int) -> bool:
+        return (2 * width <= end - start and _QUOTES_AND_SPACES.fullmatch(text, start, start + width) is not None
+                and text[start:start + width] == text[end - width:end][::-1])
+
+    found, beyond = 1, 2
+    while mirrored(beyond):
+        found, beyond = beyond, beyond * 2
+    while beyond - found > 1:
+        middle = (found + beyond) // 2
+        found, beyond = (middle, beyond) if mirrored(middle) else (found, middle)
+    return len(text[start:start + found].rstrip(" "))  # up to its last quote: the spaces after go with the text
+
+
+def _lone_quote_at_an_end(text: str, start: int, end: int, quotes: dict[str, int]) -> bool:
+    """Whether `_normalize_once` takes a lone opening or closing quote off `text[start:end]`."""
+    if start == end:
+        return False
+    first, last = text[start], text[end - 1]
+    return ((first in _WRAPPERS and last not in _WRAPPERS and quotes[first] == 1)
+            or (last in _WRAPPERS and quotes[last] == 1))
+
+
+def _strip_end_punctuation(text: str, start: int, end: int) -> tuple[int, int]:
+    """The bounds of `text[start:end].rstrip(_TRAILING_PUNCTUATION).strip()`."""
+    while end > start and text[end - 1] in _TRAILING_PUNCTUATION:
+        end -= 1
+    return _strip_spaces(text, start, end)
+
+
+def _strip_trailing_punctuation_and_spaces(text: str, start: int, end: int) -> int:
+    while end > start and (text[end - 1] in _TRAILING_PUNCTUATION or text[end - 1].isspace()):
+        end -= 1
+    return end
+
+
+def _end_before_last_strip(text: str, end: int, limit: int) -> int:
+    """Where the text ended before the pass that stripped it to `end`: after spaces, then punctuation."""
+    while end < limit and text[end].isspace():
+        end += 1
+    while end < limit and text[end] in _TRAILING_PUNCTUATION:
+        end += 1
+    return end
+
+
+def _strip_spaces(text: str, start: int, end: int) -> tuple[int, int]:
+    """The bounds of `text[start:end].strip()`."""
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
 
 
 def _number_values(normalized: str) -> tuple[Fraction, ...] | None:
@@ -130,20 +240,27 @@ def _number_values(normalized: str) -> tuple[Fraction, ...] | None:
     sign, digits, denominator, percent = m.groups()
     if denominator is not None and int(denominator) == 0:
         return None
-    value = Fraction(digits.rstrip(".") or "0") / int(denominator or 1)
+    whole, _, decimals = digits.partition(".")
+    # From whole numbers: several times quicker than Fraction parsing the text, for the same value.
+    value = Fraction(int(whole + decimals or "0"), 10 ** len(decimals) * int(denominator or 1))
     if sign == "-":
         value = -value
     return (value / 100, value) if percent else (value,)
 
 
 def _decimal_places(normalized: str) -> int:
-    m = re.search(r"\.(\d+)", normalized)
+    m = _DECIMALS.search(normalized)
     return len(m.group(1)) if m else 0
 
 
 def _numbers_match(predicted: str, expected: str) -> bool | None:
     """True/False when both are numbers (compared exactly), None when the comparison does not apply."""
-    p_values, e_values = _number_values(predicted), _number_values(expected)
+    return _values_match(predicted, expected, _number_values(expected))
+
+
+def _values_match(predicted: str, expected: str, e_values: tuple[Fraction, ...] | None) -> bool | None:
+    """`_numbers_match` with the expected answer's values known."""
+    p_values = _number_values(predicted)
     if p_values is None or e_values is None:
         return None
     places = _decimal_places(predicted)
@@ -157,17 +274,32 @@ def _numbers_match(predicted: str, expected: str) -> bool | None:
     return False
 
 
-def _list_items(normalized: str) -> list[str]:
-    return [normalize(part) for part in _LIST_SEPARATOR.split(normalized) if normalize(part)]
+def _list_items(normalized: str) -> Iterator[str]:
+    return (item for item in map(normalize, _LIST_SEPARATOR.split(normalized)) if item)
 
 
 def _item_key(item: str) -> str:
+    """What an item of a list is compared by: its value for a number, else its text."""
     values = _number_values(item)
     return repr(values[-1]) if values else item
 
 
-def _match_one(predicted: str, expected: str) -> bool:
-    p, e = normalize(predicted), normalize(expected)
+def _same_items(predicted: str, expected_items: list[str]) -> bool:
+    """Whether the normalised list `predicted` holds the expected items (in any order, repeats aside)."""
+    wanted, found, seen = {_item_key(i) for i in expected_items}, set(), set()
+    for item in _list_items(predicted):
+        if item not in seen:  # a long list repeats itself: each distinct item is read once
+            seen.add(item)
+            key = _item_key(item)
+            if key not in wanted:  # a long list of other things is not read to its end
+                return False
+            found.add(key)
+    return found == wanted
+
+
+def _match_one(predicted: str, p: str, expected: str) -> bool:
+    """Whether `predicted` (normalised: `p`) is `expected`."""
+    e = normalize(expected)
     if p == e:
         # An answer made only of punctuation normalises to nothing; it still matches itself.
         return bool(p) or (predicted.strip() != "" and predicted.strip() == expected.strip())
@@ -177,9 +309,9 @@ def _match_one(predicted: str, expected: str) -> bool:
     if numeric is not None:
         return numeric
     if "," in p or "," in e:
-        p_items, e_items = _list_items(p), _list_items(e)
-        if len(e_items) > 1:
-            return {_item_key(i) for i in p_items} == {_item_key(i) for i in e_items}
+        e_items = list(_list_items(e))
+        if len(e_items) > 1:  # the reply's list is read only when a list is expected
+            return _same_items(p, e_items)
     return False
 
 
@@ -190,21 +322,23 @@ def alternatives(expected: str) -> list[str]:
 
 def answers_match(predicted: str, expected: str) -> bool:
     """Whether `predicted` is the expected answer or one of its " or " alternatives."""
-    if _match_one(predicted, expected):  # also covers an expected answer that contains " or "
-        return True
-    return any(_match_one(predicted, alt) for alt in alternatives(expected))
+    return _answers_match(predicted, normalize(predicted), expected)
 
 
-def _appears_in(line: str, expected: str) -> bool:
-    """Whether the expected answer appears in `line` as a whole word, phrase or number."""
+def _answers_match(predicted: str, normalized: str, expected: str) -> bool:
+    # The whole expected answer first: it also covers an expected answer that contains " or ".
+    return any(_match_one(predicted, normalized, answer) for answer in (expected, *alternatives(expected)))
+
+
+def _appears_in(text: str, expected: str) -> bool:
+    """Whether the expected answer appears in `text` (a normalised line) as a whole word, phrase or number."""
     target = normalize(expected)
     if not target:
         return False
-    text = normalize(line)
-    if _number_values(target) is not None:
-        return any(
-            _numbers_match(normalize(n), target) for n in _NUMBER_IN_TEXT.findall(text)
-        )
+    values = _number_values(target)
+    if values is not None:
+        numbers = set(_NUMBER_IN_TEXT.findall(text))  # each distinct number compared once
+        return any(_values_match(normalize(n), target, values) for n in numbers)
     items = _list_items(target) if "," in target else [target]
     return all(re.search(r"(?<!\w)" + re.escape(item) + r"(?!\w)", text) for item in items)
 
@@ -212,10 +346,11 @@ def _appears_in(line: str, expected: str) -> bool:
 def score_output(output: str, expected: str) -> Score:
     """Strict and flexible correctness of one reply; strict implies flexible."""
     extracted, has_answer_line = extract_answer(output)
-    matches = extracted is not None and answers_match(extracted, expected)
+    normalized = normalize(extracted) if extracted is not None else ""  # once: a reply may be long
+    matches = extracted is not None and _answers_match(extracted, normalized, expected)
     strict = has_answer_line and matches
     flexible = matches or (
-        has_answer_line and any(_appears_in(extracted, alt) for alt in alternatives(expected))
+        has_answer_line and any(_appears_in(normalized, alt) for alt in alternatives(expected))
     )
     return Score(extracted=extracted, has_answer_line=has_answer_line, strict=strict, flexible=flexible)
 

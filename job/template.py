@@ -20,7 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from job.formats import END_OF_TURN, START_OF_TURN, Example, Turn, find_marker
+from job.errors import BadInput
+from job.formats import END_OF_TURN, START_OF_TURN, EvalItem, Example, Turn, find_marker
 
 # recipe -> what separates the last reasoning step from "Answer:". The backend's M08 exports
 # had a blank line there; M09 and later have none.
@@ -98,6 +99,20 @@ def render_prompt(prompt: str, system_instruction: str | None = None, step_instr
     """The generation prompt for one eval question; it ends where the model's answer begins."""
     text = fold_user_prompt(prompt, (system_instruction,), step_instruction)
     return USER_OPEN + text + END_OF_TURN + TURN_GAP + MODEL_OPEN
+
+
+def eval_prompts(items: Sequence[EvalItem], system_instruction: str | None = None,
+                 step_instruction: str | None = None) -> list[str]:
+    """The generation prompt of each eval item, as the eval decodes it; BadInput naming the template's
+    fields and the item when one cannot be rendered (the run checks this before it trains)."""
+    prompts = []
+    for item in items:
+        try:
+            prompts.append(render_prompt(item.prompt, system_instruction, step_instruction))
+        except ValueError as err:
+            raise BadInput(f"template.system_instruction, template.step_instruction: the prompt of eval item "
+                           f"{item.id!r} with them cannot be rendered: {err}; remove the marker") from None
+    return prompts
 
 
 def _model_text(turn: Turn, recipe: str) -> str:

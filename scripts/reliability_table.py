@@ -40,7 +40,9 @@ def render() -> str:
               "| fault | when | outcome |", "|---|---|---|"]
     lines += [f"| {_cell(f)} | {_cell(w)} | {_cell(o)} |" for f, w, o in FAULT_TABLE]
     kinds = collections.Counter(c.outcome for c in CASES)
-    lines += ["", f"**Hostile input** (tests/test_hostile.py, through `tunix-job validate --all`): {len(CASES)} kinds; "
+    lines += ["", f"**Hostile input** (tests/test_hostile.py, through `tunix-job validate --all`, which writes nothing; "
+              "`tunix-job run` stops on every error case with the same message before it trains): "
+              f"{len(CASES)} kinds; "
               f"{kinds['error']} stop with exit 2 and a message naming the field or file, {kinds['reject']} reject the "
               f"record with a reason naming its line (records read = trained + held out + rejected), "
               f"{kinds['accept']} are read as intended.", "",

@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 
 import pytest
 from backend_stub import Answer, BackendStub, write_import_batches
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import job.manifest
 from job import cli
@@ -172,6 +176,72 @@ def test_validate_reads_no_more_than_the_manifests_limit(capsys, tmp_path):
     assert code == 0
     report = json.loads(out)
     assert report["records_read"] == 5 and report["would_train_on"] == 4
+
+
+def _small_run(tmp_path, records: int = 30) -> tuple[str, dict]:
+    """A manifest over the first `records` demo records, writing under tmp_path; its path and its data."""
+    data_path = tmp_path / "data.jsonl"
+    with open(DEMO_DATA, encoding="utf-8") as f:
+        data_path.write_text("".join(next(f) for _ in range(records)))
+    data = demo_data()
+    data["dataset"].update(uri=str(data_path), holdout=2)
+    data["output"]["uri"] = str(tmp_path / "runs")
+    return write_manifest(tmp_path, data), data
+
+
+def _record_this_run(path: str) -> None:
+    """The run record an earlier attempt of this manifest would have left, data hashes included."""
+    import hashlib
+
+    from job.dataset import scan
+    from job.formats import read_eval_items
+    from job.identity import of_config
+    from job.rundir import RUN_FORMAT, RUN_RECORD
+    from job.tokens import load_tokenizer
+
+    m = load_manifest(path)
+    digest = hashlib.sha256()
+    read_eval_items(m.eval.uri, m.eval.limit, digest)
+    counts, _ = scan(m, load_tokenizer(m.model.tokenizer_uri))
+    identity = {**of_config(m, m.seed), "dataset_sha256": counts.sha256, "eval_sha256": digest.hexdigest()}
+    record = os.path.join(job.manifest.run_dir(m, derive_run_id(m)), RUN_RECORD)
+    os.makedirs(os.path.dirname(record))
+    with open(record, "w", encoding="utf-8") as f:
+        json.dump({"format": RUN_FORMAT, "seed": m.seed, "identity": identity}, f)
+
+
+@pytest.mark.parametrize("scanned", [["--all"], ["--limit", "100"], ["--limit", "10"]])
+def test_validate_accepts_a_run_directory_holding_this_run(capsys, tmp_path, scanned):
+    path, _ = _small_run(tmp_path)
+    _record_this_run(path)
+    code, out, logs = run(capsys, "validate", "--manifest", path, *scanned)
+    assert code == 0, errors(logs)
+
+
+def test_validate_names_what_differs_from_the_run_the_directory_holds(capsys, tmp_path):
+    path, data = _small_run(tmp_path)
+    _record_this_run(path)
+    with open(data["dataset"]["uri"], "a", encoding="utf-8") as f, open(DEMO_DATA, encoding="utf-8") as demo:
+        f.write(demo.readlines()[-1])  # one record more: other data, the same manifest
+    code, out, logs = run(capsys, "validate", "--manifest", path, "--all", "--set", "training.steps=70")
+    assert code == 2
+    (problem,) = json.loads(out)["problems"]
+    assert "holds another run: dataset_sha256 changed; training.steps: 350 → 70" in problem
+    # Reading only part of the data, validate cannot tell the data changed, and does not say so.
+    code, out, _ = run(capsys, "validate", "--manifest", path, "--limit", "10")
+    assert code == 0
+
+
+def test_validate_reports_every_problem_at_once_and_writes_nothing(capsys, tmp_path):
+    path, data = _small_run(tmp_path)
+    (tmp_path / "runs").write_text("a file where the runs go")
+    before = sorted(os.listdir(tmp_path))
+    code, out, _ = run(capsys, "validate", "--manifest", path, "--set", 'training.mesh={"fsdp": 3, "tp": 1}',
+                       "--set", 'template.step_instruction="x<start_of_turn>"', "--set", "model.weights_uri=nowhere")
+    assert code == 2 and sorted(os.listdir(tmp_path)) == before
+    problems = "\n".join(json.loads(out)["problems"])
+    for says in ("is a file, not a folder", "template.step_instruction", "model.weights_uri", "records rejected"):
+        assert says in problems, problems
 
 
 # -------------------------------------------------------------------------------------- render
@@ -429,6 +499,56 @@ def test_a_second_import_of_a_run_exits_75(capsys, tmp_path):
         code, _, logs = run(capsys, "import", "--run", run_dir, "--api", stub.url)
         assert code == 75 and stub.requests == 0
     assert "another process is importing this run's batches" in errors(logs)
+
+
+# ------------------------------------------------------------------------------- count options
+
+
+def _count_options() -> list[tuple[str, str]]:
+    """(command, option) for every option of every command that takes a count."""
+    commands = cli.parser()._subparsers._group_actions[0].choices
+    return [(name, action.option_strings[0]) for name, command in commands.items()
+            for action in command._actions if isinstance(action, cli.CountOption)]
+
+
+COUNT_OPTIONS = _count_options()
+NOT_COUNTS = st.one_of(
+    st.integers(max_value=0).map(str), st.integers(min_value=cli.MAX_COUNT + 1).map(str),
+    st.sampled_from(["", " ", "abc", "1.5", "1e3", "0x10", "ten", "--", "٠", "-0"]),
+    st.text(max_size=12).filter(lambda t: not t.strip().lstrip("+").isdigit()),
+)
+
+
+def _exit_and_stderr(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = cli.main(list(argv))
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_every_count_option_takes_a_count():
+    assert {("validate", "--limit"), ("render", "--limit")} <= set(COUNT_OPTIONS)
+    commands = cli.parser()._subparsers._group_actions[0].choices
+    # Whole numbers are counts here: each goes through the one parser that bounds them.
+    assert not [(name, a.dest) for name, c in commands.items() for a in c._actions
+                if a.type is int or (a.type is cli.count) != isinstance(a, cli.CountOption)]
+
+
+@pytest.mark.parametrize("command, option", COUNT_OPTIONS)
+@given(value=NOT_COUNTS)
+@settings(max_examples=60, deadline=None)
+def test_a_count_option_refuses_what_is_not_a_count_naming_it(command, option, value):
+    # `--limit 0` once printed everything (render) or blamed the data (validate).
+    code, out, err = _exit_and_stderr(command, "--manifest", DEMO_MANIFEST, f"{option}={value}")
+    assert code == 2 and out == ""
+    assert f"argument {option}: must be a whole number from 1 to" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command, option", COUNT_OPTIONS)
+def test_a_count_option_takes_its_bounds(command, option):
+    assert cli.count("1") == 1 and cli.count(str(cli.MAX_COUNT)) == cli.MAX_COUNT
+    args = cli.parser().parse_args([command, option, "1"])
+    assert getattr(args, option.lstrip("-").replace("-", "_")) == 1
 
 
 # ------------------------------------------------------------------------------ unexpected errors

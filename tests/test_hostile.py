@@ -1,11 +1,14 @@
 """Hostile and broken input, tried systematically through `tunix-job validate --all` (no training).
 
-Each row of CASES is one kind of bad input: a manifest, dataset or eval set made wrong in one way.
-Every one must end in one of three ways, never a traceback:
+Each row of CASES is one kind of bad input: a manifest, dataset, eval set or run directory made wrong
+in one way. Every one must end in one of three ways, never a traceback:
 - error: exit 2 and an error message that names the place (field path or file:line) and what is wrong;
 - reject: the run would go ahead; the bad record is rejected with a reason naming its line, and the
   books balance (records read = would train on + held out + rejected);
 - accept: nothing is wrong (BOM, CRLF, blank lines are read as intended).
+
+Validate writes nothing, and `tunix-job run` stops on each error case with the same message, before
+it trains: a manifest that validates cannot fail later on input that was there to be seen.
 
 The table is also the README's hostile-input table (scripts/reliability_table.py renders it).
 """
@@ -26,6 +29,7 @@ from job import cli
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD_RECORDS = 20
+RUN_ID = "hostile"
 HOLDOUT = 2
 
 
@@ -39,7 +43,8 @@ class Inputs:
     data_name: str = "data.jsonl"
     raw_manifest: bytes | None = None  # written instead of the manifest dict
     raw_data: bytes | None = None  # written instead of the dataset lines
-    files: dict[str, bytes] = dataclasses.field(default_factory=dict)  # more files beside the manifest
+    files: dict[str, bytes] = dataclasses.field(default_factory=dict)  # more files, by path from the folder
+    not_writable: list[str] = dataclasses.field(default_factory=list)  # folders the user may not write in
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,6 +77,37 @@ def _trace(**fields) -> dict:
     record = {"id": "hostile", "prompts": "What is 2 + 2?", "trace_steps": ["2 + 2 = 4"], "final_answer": "4"}
     record.update(fields)
     return {k: v for k, v in record.items() if v is not None}
+
+
+def _extra_file(path: str, content: bytes = b"") -> Callable[[Inputs], None]:
+    return lambda i: i.files.__setitem__(path, content)
+
+
+def _output_not_writable(i: Inputs) -> None:
+    i.manifest["output"]["uri"] = "locked/runs"
+    i.files["locked/README"] = b""
+    i.not_writable.append("locked")
+
+
+def _output_under_a_file(i: Inputs) -> None:
+    i.manifest["output"]["uri"] = "afile/runs"
+    i.files["afile"] = b"not a folder"
+
+
+def _data_inside_the_run_directory(i: Inputs) -> None:
+    i.data_name = f"runs/{RUN_ID}/data.jsonl"
+    i.manifest["dataset"]["uri"] = i.data_name
+
+
+def _another_run_recorded(i: Inputs) -> None:
+    """A run directory holding a run of this manifest at another learning rate."""
+    from job.identity import of_config
+    from job.rundir import RUN_FORMAT, RUN_RECORD
+
+    other = parse_manifest(json.loads(json.dumps(i.manifest)), base_uri="/elsewhere/manifest.json",
+                           overrides=["training.learning_rate=0.01"])
+    record = {"format": RUN_FORMAT, "seed": i.manifest["seed"], "identity": of_config(other, i.manifest["seed"])}
+    i.files[f"runs/{RUN_ID}/{RUN_RECORD}"] = json.dumps(record).encode()
 
 
 def _drop(section: str) -> Callable[[Inputs], None]:
@@ -182,6 +218,16 @@ CASES = [
     Case("tokenizer-not-gemma", "manifest", "a SentencePiece model without Gemma's ids (no pad, bos 1, eos 2)", "error", "is not a Gemma tokenizer: it has pad id -1", _file("model.tokenizer_uri", "plain.model", lambda: train_tokenizer(user_defined_symbols="<start_of_turn>,<end_of_turn>")), where="model.tokenizer_uri: "),
     Case("seq-len-nothing-fits", "manifest", "a `max_seq_len` no example fits", "error", "records rejected", _set("training.max_seq_len", 16), where="data.jsonl"),
     Case("missing-dataset", "manifest", "a dataset URI that does not exist", "error", "nowhere.jsonl: not found", _set("dataset.uri", "nowhere.jsonl")),
+    Case("mesh-two-rests", "manifest", "both mesh axes `-1` (the rest)", "error", "training.mesh: at most one of fsdp and tp may be -1", _set("training.mesh", {"fsdp": -1, "tp": -1})),
+    Case("batch-not-divisible", "manifest", "a batch size that does not divide by `training.mesh.fsdp`", "error", "training.batch_size=16 is not divisible by the data-parallel size 3", _set("training.mesh", {"fsdp": 3, "tp": 1})),
+    Case("marker-in-instruction", "manifest", "`<end_of_turn>` in `template.step_instruction`", "error", "reserved marker '<end_of_turn>'", _set("template.step_instruction", "Think.<end_of_turn>"), where="template.step_instruction"),
+    # --- the run directory -------------------------------------------------------------------------
+    Case("output-under-a-file", "run directory", "`output.uri` under a regular file", "error", "is a file, not a folder", _output_under_a_file, where="output.uri"),
+    Case("output-not-writable", "run directory", "`output.uri` in a folder the user may not write", "error", "is not writable by this user", _output_not_writable, where="output.uri"),
+    Case("run-dir-not-ours", "run directory", "a run directory that holds files this job did not write", "error", "is not a run directory of this job", _extra_file(f"runs/{RUN_ID}/notes.txt", b"mine")),
+    Case("input-inside-run-dir", "run directory", "the dataset inside the run directory", "error", "lies inside the run directory", _data_inside_the_run_directory, where="dataset.uri"),
+    Case("run-dir-inside-input", "run directory", "the run directory inside the weights folder", "error", "lies around the run directory", _set("model.weights_uri", "."), where="model.weights_uri"),
+    Case("another-run", "run directory", "a run directory holding a run at another learning rate", "error", "holds another run: training.learning_rate: 0.01 → 0.005", _another_run_recorded),
     # --- the dataset -------------------------------------------------------------------------------
     Case("malformed-json", "dataset", "a line that is not JSON", "reject", "invalid JSON", _line(b'{"id": "x", "prompts": ')),
     Case("json-array-line", "dataset", "a JSON array on a line", "reject", "a JSON array, not a JSONL object", _line([_trace()])),
@@ -233,6 +279,7 @@ def _base(tmp_path: Path) -> Inputs:
     manifest["dataset"].update(uri="data.jsonl", holdout=HOLDOUT, max_reject_fraction=0.5)
     manifest["eval"]["uri"] = "eval.jsonl"
     manifest["output"]["uri"] = "runs"
+    manifest["run_id"] = RUN_ID
     with open(REPO / "datasets" / "arith_train.jsonl", "rb") as f:
         data = [next(f).rstrip(b"\n") for _ in range(GOOD_RECORDS)]
     with open(REPO / "evalsets" / "arith_eval.jsonl", "rb") as f:
@@ -243,11 +290,40 @@ def _base(tmp_path: Path) -> Inputs:
 def _write(tmp_path: Path, i: Inputs) -> str:
     manifest = tmp_path / "manifest.json"
     manifest.write_bytes(i.raw_manifest if i.raw_manifest is not None else json.dumps(i.manifest).encode())
+    (tmp_path / i.data_name).parent.mkdir(parents=True, exist_ok=True)
     (tmp_path / i.data_name).write_bytes(i.raw_data if i.raw_data is not None else b"".join(x + b"\n" for x in i.data))
     (tmp_path / "eval.jsonl").write_bytes(b"".join(x + b"\n" for x in i.eval))
     for name, content in i.files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(content)
     return str(manifest)
+
+
+def _deny_writes(monkeypatch, tmp_path: Path, i: Inputs) -> None:
+    """The folders of `i.not_writable` refuse writes as they would to another user (tests run as root,
+    whom permissions do not stop)."""
+    denied = {str(tmp_path / name) for name in i.not_writable}
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: (
+        False if str(path) in denied and mode & os.W_OK else access(path, mode, **kw)))
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else b"" for p in sorted(folder.rglob("*"))}
+
+
+def _prepared(case: Case, tmp_path: Path, monkeypatch) -> tuple[Inputs, str]:
+    inputs = _base(tmp_path)
+    case.change(inputs)
+    manifest = _write(tmp_path, inputs)
+    _deny_writes(monkeypatch, tmp_path, inputs)
+    return inputs, manifest
+
+
+def _error_messages(err: str) -> str:
+    assert "Traceback" not in err and "unexpected error" not in err, err[-3000:]
+    records = [json.loads(line) for line in err.splitlines() if line.strip()]
+    return "\n".join(r["message"] for r in records if r["severity"] == "ERROR")
 
 
 def test_the_table_is_big_enough():
@@ -255,20 +331,17 @@ def test_the_table_is_big_enough():
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.kind for c in CASES])
-def test_hostile_input(case: Case, tmp_path, capsys):
-    inputs = _base(tmp_path)
-    case.change(inputs)
-    manifest = _write(tmp_path, inputs)
+def test_hostile_input(case: Case, tmp_path, capsys, monkeypatch):
+    inputs, manifest = _prepared(case, tmp_path, monkeypatch)
+    before = _tree(tmp_path)
     code = cli.main(["validate", "--manifest", manifest, "--all"])
     out, err = capsys.readouterr()
-    assert "Traceback" not in err and "unexpected error" not in err, err[-3000:]
-    records = [json.loads(line) for line in err.splitlines() if line.strip()]
-    messages = "\n".join(r["message"] for r in records if r["severity"] == "ERROR")
+    messages = _error_messages(err)
+    assert _tree(tmp_path) == before, "validate writes nothing"
     if case.outcome == "error":
         assert code == 2, (out, err[-3000:])
         assert case.says in messages, messages
         assert case.where in messages, messages
-        assert not os.path.exists(tmp_path / "runs"), "validate writes nothing"
         return
     assert code == 0, messages
     report = json.loads(out)
@@ -282,6 +355,20 @@ def test_hostile_input(case: Case, tmp_path, capsys):
     (reject,) = report["first_rejects"]
     where = case.where or f"{inputs.data_name}:{GOOD_RECORDS + 1}:"
     assert where in reject and case.says in reject, reject
+
+
+ERRORS = [c for c in CASES if c.outcome == "error"]
+
+
+@pytest.mark.parametrize("case", ERRORS, ids=[c.kind for c in ERRORS])
+def test_run_stops_where_validate_does(case: Case, tmp_path, capsys, monkeypatch):
+    _, manifest = _prepared(case, tmp_path, monkeypatch)
+    code = cli.main(["run", "--manifest", manifest])
+    _, err = capsys.readouterr()
+    messages = _error_messages(err)
+    assert code == 2, err[-3000:]
+    assert case.says in messages and case.where in messages, messages
+    assert '"state": "training"' not in _tree(tmp_path).get(f"runs/{RUN_ID}/status.json", b"").decode()
 
 
 def test_readme_reliability_tables_are_rendered_from_these_tests():

@@ -249,3 +249,76 @@ def test_score_predictions_duplicate_and_malformed():
         list(score_predictions(ITEMS, [{"id": "eval-001", "output": "1"}, {"id": "eval-001", "output": "2"}]))
     with pytest.raises(BadInput, match="output"):
         list(score_predictions(ITEMS, [{"id": "eval-001"}]))
+
+
+# ------------------------------------------------------------------- linear in the reply's length
+
+import time  # noqa: E402
+
+import score_reference as before  # noqa: E402
+
+from job.score import answer_line_start  # noqa: E402
+
+# What answers and their wrappings are made of: each rule of `normalize` gets something to act on.
+PIECES = st.sampled_from([
+    "4", "42", "1,234", "0.5", ".5", "1/3", "-", "+", "−", "$", "€", "%", " percent", " per cent", "50", "1,2",
+    " ", "  ", "\t", "\n", ".", "!", "?", ",", ";", ":", "\"", "'", "“", "”", "‘", "’", "`", "*", "**", "_",
+    "km", " km", " degrees", "°", "°c", "m/s^2", "²", "or", " or ", " and ", "Paris", "red", "x", "ß", "İ",
+    "Answer:", "answer :", "**Answer:**", "<end_of_turn>", "(", ")",
+])
+PIECED = st.lists(PIECES, max_size=14).map("".join)
+QUOTES = st.sampled_from(["\"", "'", "“", "”", "‘", "’", "`", "*", "**", "_", " ", ".", ",", "!"])
+
+
+@st.composite
+def _wrapped(draw) -> str:
+    """An answer inside layers of quotes, bold markers, punctuation and spaces, mirrored or not."""
+    layers = draw(st.lists(QUOTES, max_size=8))
+    inner = draw(PIECED)
+    closing = layers[::-1] if draw(st.booleans()) else draw(st.lists(QUOTES, max_size=8))
+    return "".join(layers) + inner + "".join(closing)
+
+
+TEXTS = st.one_of(ANSWERISH, PIECED, _wrapped())
+EXPECTED = st.one_of(st.sampled_from(["42", "Paris", "0.5 or 50%", "red, blue, yellow", "$12", "180 degrees", "1/3",
+                                      "1,234", "12", "-5"]), PIECED)
+
+
+@given(TEXTS)
+@settings(max_examples=1500, deadline=None)
+def test_normalize_is_what_it_was(text):
+    assert normalize(text) == before.normalize(text)
+
+
+@given(st.one_of(TEXTS, st.lists(TEXTS, max_size=4).map("\n".join)), EXPECTED)
+@settings(max_examples=1500, deadline=None)
+def test_scores_are_what_they_were(output, expected):
+    score = score_output(output, expected)
+    assert (score.extracted, score.has_answer_line, score.strict, score.flexible) == before.score_output(output, expected)
+    assert answer_line_start(output) == before.answer_line_start(output)
+    assert answers_match(output, expected) == before.answers_match(output, expected)
+
+
+MEGABYTE = 1_000_000
+HOSTILE_REPLIES = {
+    "\"Answer:\" on every line": "Answer:\n" * (MEGABYTE // 8),
+    "one digit run": "7" * MEGABYTE,
+    "an answer line of commas": "Answer: " + "1," * (MEGABYTE // 2),
+    "an answer line of distinct numbers": "Answer: " + ",".join(map(str, range(MEGABYTE // 7))),
+    "nested parentheses": "Answer: " + "(" * (MEGABYTE // 2) + ")" * (MEGABYTE // 2),
+    "nested quotes and bold": "Answer: " + "*\"" * (MEGABYTE // 4) + "42" + "\"*" * (MEGABYTE // 4),
+    "quotes between spaces": "Answer: " + "* " * (MEGABYTE // 4) + "42" + " *" * (MEGABYTE // 4),
+    "full stops between spaces": "Answer: 12 km" + " ." * (MEGABYTE // 2),
+    "underscores around a percentage": "Answer: " + "_" * (MEGABYTE // 2) + "5 percent" + "_" * (MEGABYTE // 2),
+}
+
+
+@pytest.mark.parametrize("kind", HOSTILE_REPLIES)
+def test_a_megabyte_reply_is_scored_in_time(kind):
+    # A guard against quadratic time, with a wide margin (scripts/score_timing.py measures): such
+    # replies took minutes when each layer of quotes cost a pass over the whole answer.
+    answers = ("42", "Paris", "red, blue, yellow", "0.5 or 50%")
+    started = time.perf_counter()
+    for expected in answers:
+        score_output(HOSTILE_REPLIES[kind], expected)
+    assert (time.perf_counter() - started) / len(answers) < 2.0
