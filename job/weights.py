@@ -203,7 +203,7 @@ def _check_safetensors(local_dir: str, config: gemma3.ModelConfig, uri: str) -> 
         dtypes = {dtype for dtype, _ in tensors.values()}
         if len(dtypes) != 1 or not dtypes <= _SAFETENSORS_DTYPES:
             raise BadInput(
-                f"{file_uri}: holds tensors of dtype {sorted(dtypes)}; the loader needs "
+                f"model.weights_uri: {file_uri} holds tensors of dtype {sorted(dtypes)}; the loader needs "
                 f"one of {sorted(_SAFETENSORS_DTYPES)} per file; save the weights again in a single dtype"
             )
         # Multimodal checkpoints prefix the text model with "language_model."; the loader accepts both.

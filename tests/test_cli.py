@@ -236,11 +236,12 @@ def test_validate_reports_every_problem_at_once_and_writes_nothing(capsys, tmp_p
     path, data = _small_run(tmp_path)
     (tmp_path / "runs").write_text("a file where the runs go")
     before = sorted(os.listdir(tmp_path))
+    # (A Gemma marker in a template instruction is a manifest error, reported alone: tests/test_hostile.py.)
     code, out, _ = run(capsys, "validate", "--manifest", path, "--set", 'training.mesh={"fsdp": 3, "tp": 1}',
-                       "--set", 'template.step_instruction="x<start_of_turn>"', "--set", "model.weights_uri=nowhere")
+                       "--set", "model.weights_uri=nowhere")
     assert code == 2 and sorted(os.listdir(tmp_path)) == before
     problems = "\n".join(json.loads(out)["problems"])
-    for says in ("is a file, not a folder", "template.step_instruction", "model.weights_uri", "records rejected"):
+    for says in ("is a file, not a folder", "model.weights_uri"):
         assert says in problems, problems
 
 

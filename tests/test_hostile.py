@@ -206,7 +206,7 @@ CASES = [
     Case("manifest-duplicate-key", "manifest", "a key given twice (`training.steps`; the later one would silently win)", "error", "manifest.json: duplicate key 'training.steps'", _manifest_text('"training": {', '"training": {"steps": 5, ')),
     Case("manifest-huge-integer", "manifest", "a number of 5,000 digits (`training.steps`)", "error", "training.steps: a number of 5,000 characters", _manifest_text('"steps": 350', '"steps": ' + "9" * 5000)),
     Case("manifest-huge-float", "manifest", "`1e999` as the learning rate (inf as a float)", "error", "training.learning_rate: the number 1e999 is beyond the range of a float", _manifest_text('"learning_rate": 0.005', '"learning_rate": 1e999')),
-    Case("manifest-lone-surrogate", "manifest", 'a lone UTF-16 surrogate escape (`"\\ud800"`) as the `run_id`', "error", "run_id: a string holds a lone UTF-16 surrogate", _manifest_text('"run_id": "local-tiny"', '"run_id": "\\ud800"')),
+    Case("manifest-lone-surrogate", "manifest", 'a lone UTF-16 surrogate escape (`"\\ud800"`) as the `run_id`', "error", "run_id: a string holds a lone UTF-16 surrogate", _manifest_text(f'"run_id": "{RUN_ID}"', '"run_id": "\\ud800"')),
     Case("manifest-too-big", "manifest", "a 2 MB manifest", "error", "bytes is no run manifest", _raw_manifest(json.dumps({"//": "x" * 2_000_000}).encode()), where="manifest.json: 2,000,010 bytes"),
     Case("absurd-eval-batch", "manifest", "an eval batch of 10^9 prompts", "error", "eval.batch_size: too large", _set("eval.batch_size", 10**9)),
     Case("absurd-holdout", "manifest", "10^9 held-out examples", "error", "dataset.holdout: too large", _set("dataset.holdout", 10**9)),
